@@ -1,0 +1,124 @@
+"""In-volume one-slice propagation accuracy: paint the slice of largest organ area, propagate,
+3D Dice against the full label (whole volume scored: no oracle), per organ and mean, beside
+two baselines: the painted mask copied to every slice, and copied onto the true z-range only.
+
+    python benchmarks/accuracy.py --phantoms 6
+    python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --organs 1 2 3 4 --split held-out
+    python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --organs 1 3 4 7 --split held-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, propagate
+from src_data.datasets import find_scans, load_scan
+from src_data.phantoms import ORGAN_NAMES, write_cohort
+from src_data.splits import split_scans
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else 1.0
+
+
+def paint_largest_slice(truth: np.ndarray, axis: int = 2) -> tuple[np.ndarray, int]:
+    areas = truth.sum(axis=tuple(i for i in range(3) if i != axis))
+    z = int(areas.argmax())
+    painted = np.zeros_like(truth)
+    index = [slice(None)] * 3
+    index[axis] = z
+    painted[tuple(index)] = truth[tuple(index)]
+    return painted, z
+
+
+def copy_baselines(truth: np.ndarray, z: int) -> tuple[float, float]:
+    """Dice of the painted slice copied to every slice, and onto the true z-range only."""
+    layer = truth[..., z]
+    everywhere = np.broadcast_to(layer[..., None], truth.shape)
+    zs = truth.any(axis=(0, 1))
+    return dice(everywhere, truth), dice(everywhere & zs[None, None, :], truth)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="folder of scans with labels")
+    parser.add_argument("--phantoms", type=int, default=0, help="score N CT and N MRI phantoms instead")
+    parser.add_argument("--organs", type=int, nargs="*", help="label values (default: all present)")
+    parser.add_argument("--split", default="held-out", choices=["held-out", "seen", "all"])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--limit", type=int, help="score only the first N scans")
+    for f in dataclasses.fields(PropagationOptions):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.type != "bool" else int,
+                            default=None)
+    args = parser.parse_args(argv)
+    overrides = {f.name: (bool(v) if f.type == "bool" else v) for f in dataclasses.fields(PropagationOptions)
+                 if (v := getattr(args, f.name)) is not None}
+    options = PropagationOptions(**overrides)
+    model = load_model(args.model, args.device)
+
+    if args.phantoms:
+        tmp = Path(tempfile.mkdtemp(prefix="densemp-bench-"))
+        write_cohort(tmp, args.phantoms, "ct", first_seed=100)
+        write_cohort(tmp, args.phantoms, "mri", first_seed=200)
+        records = find_scans(tmp)
+        names = ORGAN_NAMES
+    elif args.data:
+        seen, held = split_scans(args.data)
+        records = {"held-out": held, "seen": seen, "all": seen + held}[args.split]
+        names = {}
+    else:
+        parser.error("give --data or --phantoms")
+    records = records[: args.limit] if args.limit else records
+    print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); options {options}")
+    print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
+    rows = []
+    for record in records:
+        scan = load_scan(record)
+        if scan.label is None:
+            print(f"{record.name}: no label file, skipped", file=sys.stderr)
+            continue
+        organs = args.organs or [int(v) for v in np.unique(scan.label) if v]
+        cache = FeatureCache()
+        for organ in organs:
+            truth = scan.label == organ
+            if not truth.any():
+                continue
+            painted, z = paint_largest_slice(truth)
+            start = time.perf_counter()
+            result = propagate(scan.volume, painted.astype(np.uint8), model, spacing=scan.spacing, axis=2,
+                               options=options, cache=cache)
+            seconds = time.perf_counter() - start
+            zs = np.flatnonzero(truth.any(axis=(0, 1)))
+            all_copy, z_copy = copy_baselines(truth, z)
+            d = dice(result.mask, truth)
+            rows.append((organ, d, all_copy, z_copy))
+            rng = f"{result.slice_range[0]}-{result.slice_range[1]}" if result.slice_range else "-"
+            print(f"{record.name:<22}{organ:>6}{100 * d:>8.1f}{100 * all_copy:>10.1f}{100 * z_copy:>8.1f}"
+                  f"{rng:>12}{f'{zs[0]}-{zs[-1]}':>12}{seconds:>7.2f}", flush=True)
+    if not rows:
+        print("no labelled organ scored")
+        return 1
+    table = np.array([r[1:] for r in rows])
+    organs = sorted({r[0] for r in rows})
+    print("\norgan            propagated  copy-all  copy-z   (mean 3D Dice over scans)")
+    for organ in organs:
+        sel = table[[r[0] == organ for r in rows]]
+        name = names.get(organ, str(organ))
+        print(f"{name:<16}{100 * sel[:, 0].mean():>11.1f}{100 * sel[:, 1].mean():>10.1f}{100 * sel[:, 2].mean():>8.1f}")
+    per_organ = np.array([table[[r[0] == o for r in rows]].mean(axis=0) for o in organs])
+    mean = per_organ.mean(axis=0)
+    print(f"{'mean':<16}{100 * mean[0]:>11.1f}{100 * mean[1]:>10.1f}{100 * mean[2]:>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

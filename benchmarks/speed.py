@@ -1,0 +1,102 @@
+"""Propagation speed and memory on this machine (figures, never asserted).
+
+    python benchmarks/speed.py                 # 100 slices of 256x256: whole run, backbone, re-run
+    python benchmarks/speed.py --memory        # + peak RSS at 512x512x300 (in a fresh process)
+    python benchmarks/speed.py --fp32          # without bf16 autocast, for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from napari_densemp.engine import FeatureCache, compute_features, load_model, propagate
+from src_data.phantoms import LIVER, make_phantom
+
+
+def phantom_volume(shape: tuple[int, int, int], seed: int = 3) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """A phantom CT resampled to ``shape`` (x, y, z), its liver painted on the largest slice."""
+    phantom = make_phantom(seed, "ct")
+    zoom = [n / m for n, m in zip(shape, phantom.image.shape)]
+    image = ndimage.zoom(phantom.image, zoom, order=1)[: shape[0], : shape[1], : shape[2]]
+    label = ndimage.zoom(phantom.label, zoom, order=0)[: shape[0], : shape[1], : shape[2]] == LIVER
+    spacing = tuple(s / z for s, z in zip(phantom.spacing, zoom))
+    z = int(label.sum(axis=(0, 1)).argmax())
+    painted = np.zeros(label.shape, np.uint8)
+    painted[..., z] = label[..., z]
+    return image.astype(np.float32), painted, spacing
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def speed(args: argparse.Namespace) -> None:
+    model = load_model(args.model, args.device, precision="fp32" if args.fp32 else "auto")
+    image, painted, _ = phantom_volume((256, 256, 100))
+    spacing = (model.profile.in_plane_spacing_mm, model.profile.in_plane_spacing_mm, 2.5)
+    slices = np.moveaxis(image, 2, 0)
+    propagate(image, painted, model, spacing=spacing)  # warm-up (allocator, oneDNN kernels)
+    backbone = best_of(lambda: compute_features(model, slices, spacing[:2]), args.repeats)
+    whole = best_of(lambda: propagate(image, painted, model, spacing=spacing), args.repeats)
+    cache = FeatureCache()
+    propagate(image, painted, model, spacing=spacing, cache=cache)
+    rerun = best_of(lambda: propagate(image, painted, model, spacing=spacing, cache=cache), args.repeats)
+    precision = "bf16 autocast" if model.uses_bf16 else "fp32"
+    print(f"model {model.name}, {model.device}, {precision}, {torch.get_num_threads()} threads")
+    print("100 slices of 256x256:")
+    print(f"  whole propagation   {whole:6.2f} s   {1000 * whole / 100:6.1f} ms/slice")
+    print(f"  backbone alone      {backbone:6.2f} s   {1000 * backbone / 100:6.1f} ms/slice")
+    print(f"  ratio whole/backbone {whole / backbone:5.2f}")
+    print(f"  re-run (cached)     {rerun:6.2f} s")
+
+
+def memory_child(model_source: str, device: str) -> None:
+    image, painted, spacing = phantom_volume((512, 512, 300))
+    model = load_model(model_source, device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    result = propagate(image, painted, model, spacing=spacing)
+    print(json.dumps({"seconds": time.perf_counter() - start, "input_mb": image.nbytes / 1e6,
+                      "rss_before_mb": before / 1024, "peak_rss_mb": resource.getrusage(
+                          resource.RUSAGE_SELF).ru_maxrss / 1024, "voxels": int(result.mask.sum())}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fp32", action="store_true")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.model, args.device)
+        return 0
+    speed(args)
+    if args.memory:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", "--model", args.model,
+                              "--device", args.device], check=True, capture_output=True, text=True)
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        print("512x512x300 CT (float32 input "
+              f"{figures['input_mb']:.0f} MB): {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB "
+              f"(of which {figures['rss_before_mb']:.0f} MB before propagation: Python, torch, the input)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""The propagation engine: numpy in, numpy out, no Qt.
+
+``propagate`` turns one or a few painted slices into a 3D mask. The backbone runs once per
+volume (features are cached, so a correction re-runs only the light head); the ALP head
+scores every slice against the nearest painted slice(s); a walk outward from each painted
+slice keeps what is connected to the previous slice's mask and stops where the structure
+ends (see :class:`PropagationOptions` for the rules and why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .checkpoint import load_checkpoint
+from .devices import pick_device, use_bf16
+from .errors import DenseMPError
+from .network import FewShotSegmenter, head_logits, resize_mask, support_prototypes, unit_length
+from .preprocessing import Modality, PreprocessingProfile, check_volume, prepare_volume, resize_slices
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "default_v0.pt"
+ProgressCallback = Callable[[int, int, str], None]
+
+
+class Cancelled(Exception):
+    """Raised inside the engine when the caller's cancel flag is set."""
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class Model:
+    """A network ready for inference, with the preprocessing it was trained with."""
+
+    network: FewShotSegmenter
+    profile: PreprocessingProfile
+    device: torch.device
+    name: str
+    provenance: dict = field(default_factory=dict)
+    uses_bf16: bool = False  # bf16 autocast for the backbone: ~2x faster on AMX CPUs and GPUs
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("napari_densemp") / "models" / DEFAULT_MODEL))
+
+
+def load_model(source: str | Path = "default", device: str = "auto",
+               precision: Literal["auto", "bf16", "fp32"] = "auto") -> Model:
+    """Load the bundled default model (``"default"``) or a checkpoint file.
+
+    ``precision="auto"`` uses bf16 autocast where the hardware runs it natively.
+    """
+    path = default_model_path() if str(source) == "default" else Path(source)
+    if str(source) == "default" and not path.is_file():
+        raise DenseMPError(f"The bundled default model is missing from the installation ({path}).")
+    checkpoint = load_checkpoint(path)
+    dev = pick_device(device)
+    network = checkpoint.build_model().to(dev).to(memory_format=torch.channels_last)
+    bf16 = precision == "bf16" or (precision == "auto" and use_bf16(dev))
+    return Model(network, checkpoint.preprocessing, dev, path.name, checkpoint.provenance, bf16)
+
+
+# --------------------------------------------------------------------------- features
+@dataclass
+class VolumeFeatures:
+    """Backbone features of every slice of a volume, on the model's in-plane grid."""
+
+    features: torch.Tensor  # (S, C, h, w) bfloat16 on the CPU
+    grid_size: tuple[int, int]  # model-grid slice size (H, W)
+    native_size: tuple[int, int]
+    modality: Modality
+    seconds: float
+
+
+class FeatureCache:
+    """Most-recently-used volumes' features, so a re-run after a correction skips the backbone."""
+
+    def __init__(self, max_volumes: int = 1) -> None:
+        self.max_volumes = max_volumes
+        self._entries: OrderedDict[tuple, VolumeFeatures] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str) -> tuple:
+        sample = np.ascontiguousarray(slices[:, ::3, ::3])
+        digest = hashlib.blake2b(sample.tobytes(), digest_size=16).hexdigest()
+        return (id(model.network), slices.shape, str(slices.dtype), digest,
+                tuple(round(s, 6) for s in spacing_hw), modality)
+
+    def get(self, key: tuple) -> VolumeFeatures | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple, value: VolumeFeatures) -> None:
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > self.max_volumes:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user")
+
+
+def compute_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float],
+                     modality: Modality | Literal["auto"] = "auto", batch_size: int = 8,
+                     progress: ProgressCallback | None = None,
+                     cancel: Callable[[], bool] | None = None) -> VolumeFeatures:
+    """Run the backbone over (S, H, W) slices in batches (bf16 where the hardware has it)."""
+    start = time.perf_counter()
+    prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
+    total = prepared.shape[0]
+    chunks = []
+    dtype = torch.bfloat16 if model.uses_bf16 else torch.float32
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
+                                                enabled=model.uses_bf16):
+        for first in range(0, total, batch_size):
+            _check_cancel(cancel)
+            batch = prepared[first:first + batch_size, None].to(model.device)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            chunks.append(model.network.embed(batch).to("cpu", dtype).contiguous())
+            if progress is not None:
+                progress(min(first + batch_size, total), total, "computing features")
+    return VolumeFeatures(torch.cat(chunks), tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality,
+                          time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- propagation
+@dataclass(frozen=True)
+class PropagationOptions:
+    """The rules that decide where the structure is and where it ends.
+
+    Defaults were chosen by measurement on phantoms and on training patients only
+    (benchmarks/accuracy.py); see README for the figures.
+    """
+
+    threshold: float = 0.5  # foreground probability
+    neighbour_margin_mm: float = 10.0  # kept components must touch the previous mask grown by this
+    clip_to_neighbour: bool = True  # and are cut to it: adjacent organs cannot leak in
+    max_growth: float = 1.5  # a region larger than this x the previous slice's ends the structure
+    min_area_mm2: float = 10.0  # a smaller region ends the structure
+    between_painted_only: bool = False  # segment only between the first and last painted slice
+
+
+@dataclass
+class PropagationResult:
+    mask: np.ndarray  # bool, exactly the input's shape
+    confidence: np.ndarray  # (n_slices,) mean foreground probability of the kept region, 0 if empty
+    slice_range: tuple[int, int] | None  # first and last segmented slice along the slicing axis
+    painted_slices: list[int]
+    seconds_features: float
+    seconds_head: float
+    reused_features: bool
+
+
+def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray, int]:
+    painted = np.asarray(painted)
+    if not (np.issubdtype(painted.dtype, np.integer) or painted.dtype == bool):
+        if np.issubdtype(painted.dtype, np.floating) and not np.isfinite(painted).all():
+            raise DenseMPError("The painted mask holds NaN or infinite values.")
+        painted = np.rint(painted).astype(np.int64)
+    values = np.unique(painted)
+    values = values[values != 0]
+    if values.size == 0:
+        raise DenseMPError("The painted mask has no painted voxel: paint the structure on at least one slice.")
+    if label is None:
+        if values.size > 1:
+            raise DenseMPError(f"Several label values are painted ({', '.join(map(str, values[:8]))}); "
+                               f"choose which one to propagate (--label).")
+        label = int(values[0])
+    elif label not in values:
+        raise DenseMPError(f"Label {label} is not painted; painted values: {', '.join(map(str, values[:8]))}.")
+    return painted == label, int(label)
+
+
+def _supports_for_slices(painted_slices: list[int], n_slices: int) -> list[list[int]]:
+    """For every slice, the painted slices whose prototypes score it: the nearest painted
+    slice on each side (both when it lies between two)."""
+    result = []
+    for z in range(n_slices):
+        below = [p for p in painted_slices if p <= z]
+        above = [p for p in painted_slices if p >= z]
+        chosen = {below[-1]} if below else set()
+        if above:
+            chosen.add(above[0])
+        result.append(sorted(chosen))
+    return result
+
+
+class SliceScorer:
+    """Foreground probability of a slice on the model grid, computed on first request.
+
+    The walk visits only the slices near the structure, so most of a volume never pays
+    for the head; slices are scored a few at a time ahead of the walk. Each slice is scored
+    against the prototypes of the nearest painted slice on each side (both when it lies
+    between two).
+    """
+
+    ahead = 8
+
+    def __init__(self, model: Model, feats: VolumeFeatures, painted_grid: dict[int, torch.Tensor],
+                 cancel: Callable[[], bool] | None = None) -> None:
+        self.config = model.network.config
+        self.feats = feats
+        self.cancel = cancel
+        self.painted = sorted(painted_grid)
+        features = feats.features
+        self.prototypes = {}
+        for p, mask in painted_grid.items():
+            fg, bg = support_prototypes(features[p].float(), resize_mask(mask, features.shape[-2:]),
+                                        self.config.inference_window, self.config)
+            self.prototypes[p] = (unit_length(fg, 1), unit_length(bg, 1))
+        self._cache: dict[int, np.ndarray] = {}
+
+    def supports(self, z: int) -> tuple[int, ...]:
+        below = [p for p in self.painted if p <= z]
+        above = [p for p in self.painted if p >= z]
+        return tuple(sorted({*below[-1:], *above[:1]}))
+
+    def __call__(self, z: int, step: int = 1) -> np.ndarray:
+        if z not in self._cache:
+            _check_cancel(self.cancel)
+            chosen = self.supports(z)
+            n = self.feats.features.shape[0]
+            batch = [s for s in range(z, z + step * self.ahead, step)
+                     if 0 <= s < n and s not in self._cache and self.supports(s) == chosen]
+            fg = torch.cat([self.prototypes[p][0] for p in chosen])
+            bg = torch.cat([self.prototypes[p][1] for p in chosen])
+            with torch.inference_mode():
+                query = unit_length(self.feats.features[batch], 1)
+                logits = head_logits(query, fg, bg, self.config.scale, normalized=True)
+                # softmax over [bg, fg] is a sigmoid of the difference, which bilinear
+                # upsampling commutes with: upsample one channel instead of two.
+                margin = logits[:, 1:] - logits[:, :1]
+                margin = F.interpolate(margin, size=self.feats.grid_size, mode="bilinear", align_corners=False)
+                prob = torch.sigmoid(margin)[:, 0].numpy()
+            self._cache.update(zip(batch, prob))
+        return self._cache[z]
+
+
+def _near(previous: np.ndarray, margin_mm: float, pixel_mm: tuple[float, float]) -> np.ndarray:
+    """Pixels within ``margin_mm`` of ``previous``: a Euclidean dilation computed in its
+    bounding box only, which keeps the walk cheap on large slices."""
+    near = np.zeros_like(previous)
+    ys, xs = np.nonzero(previous)
+    if ys.size == 0:
+        return near
+    pad_y, pad_x = (int(np.ceil(margin_mm / p)) + 1 for p in pixel_mm)
+    y0, y1 = max(ys.min() - pad_y, 0), min(ys.max() + pad_y + 1, previous.shape[0])
+    x0, x1 = max(xs.min() - pad_x, 0), min(xs.max() + pad_x + 1, previous.shape[1])
+    distance = ndimage.distance_transform_edt(~previous[y0:y1, x0:x1], sampling=pixel_mm)
+    near[y0:y1, x0:x1] = distance <= margin_mm
+    return near
+
+
+def _walk(prob: Callable[[int], np.ndarray], n: int, painted: dict[int, np.ndarray], limits: tuple[int, int],
+          options: PropagationOptions, pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
+    """Grow the structure slice by slice away from each painted slice until it ends.
+
+    ``prob(z)`` gives slice z's foreground probability; returns the kept region per slice.
+    """
+    region: dict[int, np.ndarray] = {}
+    pixel_area = pixel_mm[0] * pixel_mm[1]
+    order = sorted(painted)
+    for p in order:
+        region[p] = painted[p].copy()
+    for i, p in enumerate(order):
+        for step in (-1, 1):
+            # Walk until the next painted slice in this direction (it has its own walk).
+            neighbour = order[i + step] if 0 <= i + step < len(order) else None
+            end = (limits[0] - 1 if step < 0 else limits[1] + 1) if neighbour is None else neighbour
+            previous = painted[p]
+            z = p + step
+            while z != end and 0 <= z < n:
+                candidate = prob(z, step) > options.threshold
+                if not candidate.any():
+                    break
+                near = _near(previous, options.neighbour_margin_mm, pixel_mm)
+                components, _ = ndimage.label(candidate)
+                touching = np.unique(components[near & candidate])
+                kept = np.isin(components, touching[touching != 0])
+                if options.clip_to_neighbour:
+                    kept &= near
+                area = kept.sum() * pixel_area
+                if area < options.min_area_mm2:
+                    break
+                if area > options.max_growth * previous.sum() * pixel_area:
+                    break
+                region[z] = region[z] | kept if z in region else kept
+                previous = kept
+                z += step
+    return region
+
+
+def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
+              spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
+              label: int | None = None, options: PropagationOptions | None = None,
+              modality: Modality | Literal["auto"] = "auto", cache: FeatureCache | None = None,
+              progress: ProgressCallback | None = None,
+              cancel: Callable[[], bool] | None = None) -> PropagationResult:
+    """Propagate the painted slice(s) of ``volume`` through it.
+
+    Args:
+        volume: 3D scan (CT in HU or MRI in scanner units).
+        painted: same shape; the structure painted on one or more slices along ``axis``.
+        model: from :func:`load_model`.
+        spacing: voxel size in mm along the array axes.
+        axis: the slicing axis (the one the user paints across; 2 for axial NIfTI).
+        label: which painted value to propagate; required when several are painted.
+        cache: reuse backbone features across calls (the widget keeps one).
+        progress: called as ``progress(done, total, stage)``.
+        cancel: polled between batches; when it returns True, :class:`Cancelled` is raised.
+    Returns:
+        A :class:`PropagationResult` whose mask has exactly ``volume``'s shape.
+    """
+    options = options or PropagationOptions()
+    volume = check_volume(volume, "image")
+    painted = np.asarray(painted)
+    if painted.shape != volume.shape:
+        raise DenseMPError(f"The painted mask's shape {painted.shape} differs from the image's {volume.shape}.")
+    if axis not in (0, 1, 2, -1, -2, -3):
+        raise DenseMPError(f"axis must be 0, 1 or 2; got {axis}.")
+    axis = axis % 3
+    binary, label = _painted_binary(painted, label)
+    slices = np.moveaxis(volume, axis, 0)
+    paint = np.moveaxis(binary, axis, 0)
+    spacing_hw = tuple(float(s) for i, s in enumerate(spacing) if i != axis)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise DenseMPError(f"spacing must be three positive numbers (mm); got {spacing}.")
+    painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
+
+    key = FeatureCache.key(model, slices, spacing_hw, modality)
+    feats = cache.get(key) if cache is not None else None
+    reused = feats is not None
+    if feats is None:
+        feats = compute_features(model, slices, spacing_hw, modality, progress=progress, cancel=cancel)
+        if cache is not None:
+            cache.put(key, feats)
+    start = time.perf_counter()
+    painted_grid = resize_slices(torch.from_numpy(paint[painted_slices].astype(np.float32)), feats.grid_size)
+    painted_by_slice = dict(zip(painted_slices, painted_grid))
+    scorer = SliceScorer(model, feats, painted_by_slice, cancel)
+    if progress is not None:
+        progress(0, 1, "propagating")
+    n_slices = paint.shape[0]
+    pixel_mm = tuple(s * n / g for s, n, g in zip(spacing_hw, feats.native_size, feats.grid_size))
+    limits = (painted_slices[0], painted_slices[-1]) if options.between_painted_only else (0, n_slices - 1)
+    seeds = {}
+    for p, soft in painted_by_slice.items():
+        soft = soft.numpy()
+        # a stroke thinner than a grid pixel still seeds the walk
+        seeds[p] = soft > 0.5 if (soft > 0.5).any() else soft >= soft.max()
+    region = _walk(scorer, n_slices, seeds, limits, options, pixel_mm)
+    confidence = np.zeros(n_slices, dtype=np.float32)
+    out = np.zeros(paint.shape, dtype=bool)
+    for z, kept in region.items():
+        if not kept.any():
+            continue
+        prob = scorer(z)
+        confidence[z] = float(prob[kept].mean())
+        native = resize_slices(torch.from_numpy(prob * kept)[None], feats.native_size)[0]
+        out[z] = (native > options.threshold).numpy()
+    out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
+    if progress is not None:
+        progress(1, 1, "propagating")
+    nonempty = np.flatnonzero(out.reshape(n_slices, -1).any(axis=1))
+    slice_range = (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else None
+    return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence,
+                             slice_range=slice_range, painted_slices=painted_slices,
+                             seconds_features=0.0 if reused else feats.seconds,
+                             seconds_head=time.perf_counter() - start, reused_features=reused)

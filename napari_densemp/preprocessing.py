@@ -1,0 +1,125 @@
+"""The one preprocessing of the project: intensities and in-plane grid, as the model saw them.
+
+A checkpoint carries a :class:`PreprocessingProfile`; the engine, the trainer and the
+benchmarks all go through :func:`prepare_volume`, so a model never sees a scan prepared
+differently from its training data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DenseMPError
+
+Modality = Literal["ct", "mri"]
+AIR_HU = -500.0  # anything below is air: tells CT from MRI and the body from its surroundings
+
+
+@dataclass(frozen=True)
+class PreprocessingProfile:
+    """How scans are turned into network input; recorded in every checkpoint."""
+
+    ct_window: tuple[float, float] = (-125.0, 275.0)  # HU, the paper's abdominal window
+    mri_upper_percentile: float = 99.5  # clip MRI's bright end
+    in_plane_spacing_mm: float = 1.25  # the model's training grid (CHAOS' spacing)
+    max_in_plane_size: int = 512  # coarser than the training grid rather than larger than this
+    min_in_plane_size: int = 64  # finer than it rather than too small for the stride-8 features
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessingProfile:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise DenseMPError(f"Unknown preprocessing settings in checkpoint: {sorted(unknown)}")
+        values = dict(data)
+        if "ct_window" in values:
+            values["ct_window"] = tuple(float(v) for v in values["ct_window"])
+        return cls(**values)
+
+
+def check_volume(volume: np.ndarray, name: str = "image") -> np.ndarray:
+    """A finite 3D array, or a DenseMPError that says what is wrong with it."""
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise DenseMPError(f"The {name} must be a 3D volume; got {volume.ndim}D with shape {volume.shape}.")
+    if min(volume.shape) < 1:
+        raise DenseMPError(f"The {name} is empty (shape {volume.shape}).")
+    if not np.issubdtype(volume.dtype, np.number) or np.iscomplexobj(volume):
+        raise DenseMPError(f"The {name} must hold real numbers; got dtype {volume.dtype}.")
+    if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
+        bad = int(np.size(volume) - np.isfinite(volume).sum())
+        raise DenseMPError(f"The {name} holds {bad} NaN or infinite voxels; fix or mask them first.")
+    return volume
+
+
+def detect_modality(volume: np.ndarray) -> Modality:
+    """CT when a real share of voxels is air in Hounsfield units, MRI otherwise."""
+    sample = np.asarray(volume[:: max(1, volume.shape[0] // 16)], dtype=np.float32)
+    return "ct" if float(np.percentile(sample, 1.0)) < AIR_HU else "mri"
+
+
+def window_intensities(volume: np.ndarray, modality: Modality,
+                       profile: PreprocessingProfile) -> np.ndarray:
+    """CT: HU window; MRI: clip above the profile's percentile. Returns float32 in [0, 1]."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if modality == "ct":
+        low, high = profile.ct_window
+    else:
+        low = float(volume.min())
+        high = float(np.percentile(volume, profile.mri_upper_percentile))
+    scaled = (np.clip(volume, low, high) - low) / max(high - low, 1e-6)
+    return scaled.astype(np.float32, copy=False)
+
+
+def zscore(volume: np.ndarray) -> np.ndarray:
+    """Per-volume z-score: robust to scanners' arbitrary MRI units and to CT windows alike."""
+    mean, std = float(volume.mean()), float(volume.std())
+    return ((volume - mean) / max(std, 1e-6)).astype(np.float32, copy=False)
+
+
+def model_grid_size(shape_hw: tuple[int, int], spacing_hw: tuple[float, float],
+                    profile: PreprocessingProfile) -> tuple[int, int]:
+    """In-plane size on the model's grid: the training spacing, within the size bounds."""
+    size = [max(1, round(n * s / profile.in_plane_spacing_mm)) for n, s in zip(shape_hw, spacing_hw)]
+    longest = max(size)
+    if longest > profile.max_in_plane_size:
+        size = [max(1, round(n * profile.max_in_plane_size / longest)) for n in size]
+    shortest = min(size)
+    if shortest < profile.min_in_plane_size:
+        size = [round(n * profile.min_in_plane_size / shortest) for n in size]
+    return int(size[0]), int(size[1])
+
+
+def resize_slices(slices: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize (S, H, W) or (S, C, H, W) slices in-plane; antialiased when shrinking."""
+    squeeze = slices.ndim == 3
+    x = slices[:, None] if squeeze else slices
+    if tuple(x.shape[-2:]) != tuple(size):
+        if mode == "nearest":
+            x = F.interpolate(x, size=size, mode="nearest-exact")
+        else:
+            shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+            x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return x[:, 0] if squeeze else x
+
+
+def prepare_volume(volume: np.ndarray, spacing_hw: tuple[float, float], profile: PreprocessingProfile,
+                   modality: Modality | Literal["auto"] = "auto") -> tuple[torch.Tensor, Modality]:
+    """Slices (S, H, W) of a scan -> z-scored float32 slices on the model's in-plane grid.
+
+    Axis 0 is the slicing axis; ``spacing_hw`` the in-plane voxel size in mm.
+    """
+    volume = check_volume(volume)
+    if modality == "auto":
+        modality = detect_modality(volume)
+    normalized = zscore(window_intensities(volume, modality, profile))
+    size = model_grid_size(volume.shape[1:], spacing_hw, profile)
+    return resize_slices(torch.from_numpy(normalized), size), modality

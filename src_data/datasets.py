@@ -1,0 +1,151 @@
+"""Finding scans in a data folder and preparing them for training, cached on disk.
+
+Known layouts: CHAOS (``image_N`` / ``label_N``), OpenKBP (``pt_N_ct`` / ``pt_N_oars``, stored
+as HU + 1024), the phantom cohort (``phantom_<modality>_<seed>`` / ``_label``), and any other
+NIfTI scan (``*_label`` / ``*_mask`` / ``*_seg`` files beside it are taken as its labels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_densemp.io import is_nifti, read_nifti
+from napari_densemp.preprocessing import (
+    Modality,
+    PreprocessingProfile,
+    check_volume,
+    detect_modality,
+    prepare_volume,
+    resize_slices,
+    window_intensities,
+)
+
+from .superpixels import MIN_SIZE, body_mask, superpixels
+
+log = logging.getLogger(__name__)
+LABEL_SUFFIXES = ("_label", "_mask", "_seg", "_oars")
+PREPARED_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    name: str
+    image: Path
+    label: Path | None
+    hu_offset: float = 0.0  # subtracted on load: OpenKBP stores HU + 1024
+
+    @property
+    def patient_number(self) -> int | None:
+        digits = re.findall(r"\d+", self.name)
+        return int(digits[-1]) if digits else None
+
+
+def _stem(path: Path) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+
+
+def find_scans(data_dir: str | Path) -> list[ScanRecord]:
+    """Scans of a folder in natural (numeric) order, with their label files where present."""
+    data_dir = Path(data_dir)
+    files = sorted(p for p in data_dir.iterdir() if p.is_file() and is_nifti(p))
+    stems = {_stem(p): p for p in files}
+    records = []
+    for stem, path in stems.items():
+        if stem.startswith("label_") or stem.endswith(LABEL_SUFFIXES):
+            continue
+        if match := re.fullmatch(r"image_(\d+)", stem):
+            label = stems.get(f"label_{match.group(1)}")
+            records.append(ScanRecord(stem, path, label))
+        elif match := re.fullmatch(r"(pt_\d+)_ct", stem):
+            records.append(ScanRecord(stem, path, stems.get(f"{match.group(1)}_oars"), hu_offset=1024.0))
+        else:
+            label = next((stems[stem + s] for s in LABEL_SUFFIXES if stem + s in stems), None)
+            records.append(ScanRecord(stem, path, label))
+
+    def natural(record: ScanRecord) -> tuple:
+        return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", record.name))
+
+    return sorted(records, key=natural)
+
+
+@dataclass
+class LoadedScan:
+    volume: np.ndarray  # (x, y, z) float32, HU for CT
+    label: np.ndarray | None  # (x, y, z) integers
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def load_scan(record: ScanRecord) -> LoadedScan:
+    scan = read_nifti(record.image)
+    volume = check_volume(scan.data.astype(np.float32) - np.float32(record.hu_offset), record.name)
+    label = None
+    if record.label is not None:
+        label = np.rint(read_nifti(record.label).data).astype(np.int16)
+        if label.shape != volume.shape:
+            raise ValueError(f"{record.label} has shape {label.shape}, its scan {volume.shape}")
+    return LoadedScan(volume, label, scan.affine, scan.spacing)
+
+
+@dataclass
+class PreparedScan:
+    """A scan as training sees it: slices first, on the model's in-plane grid."""
+
+    name: str
+    image: np.ndarray  # (S, H, W) float16, z-scored
+    superpixels: np.ndarray  # (S, H, W) int32, 0 outside the body
+    label: np.ndarray | None  # (S, H, W) int16
+    modality: Modality
+
+
+def _cache_key(record: ScanRecord, profile: PreprocessingProfile, min_size: int) -> str:
+    blob = json.dumps([PREPARED_VERSION, str(record.image.resolve()), record.image.stat().st_mtime_ns,
+                       profile.to_dict(), min_size], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def prepare_scan(record: ScanRecord, profile: PreprocessingProfile, cache_dir: str | Path | None = None,
+                 min_size: int = MIN_SIZE) -> PreparedScan:
+    """Preprocess a scan with the model's profile and compute its superpixels (cached).
+
+    Superpixels are computed on the model's in-plane grid, so ``min_size`` pixels cover the
+    same area in every scan, as they did on the paper's 256 x 256 slices.
+    """
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"{record.name}-{_cache_key(record, profile, min_size)}.npz"
+        if cache.is_file():
+            with np.load(cache) as data:
+                return PreparedScan(record.name, data["image"], data["superpixels"],
+                                    data.get("label", None), str(data["modality"]))
+    loaded = load_scan(record)
+    slices = np.moveaxis(loaded.volume, 2, 0)
+    modality = detect_modality(slices)
+    image = prepare_volume(slices, loaded.spacing[:2], profile, modality)[0].numpy()
+    size = image.shape[1:]
+    windowed_grid = resize_slices(torch.from_numpy(window_intensities(slices, modality, profile)), size).numpy()
+    body = resize_slices(torch.from_numpy(body_mask(slices, modality)).float(), size).numpy() > 0.5
+    segments = superpixels(windowed_grid, body, min_size=min_size)
+    label = None
+    if loaded.label is not None:
+        label = resize_slices(torch.from_numpy(np.moveaxis(loaded.label, 2, 0).astype(np.float32)), size,
+                              mode="nearest").numpy().astype(np.int16)
+    prepared = PreparedScan(record.name, image.astype(np.float16), segments, label, modality)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"image": prepared.image, "superpixels": segments, "modality": np.array(modality)}
+        if label is not None:
+            arrays["label"] = label
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(cache)
+    log.info("prepared %s: %s slices of %s, %s", record.name, image.shape[0], image.shape[1:], modality)
+    return prepared

@@ -1,0 +1,103 @@
+"""``densemp-segment`` end to end on files: geometry kept, errors named, nothing overwritten."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_densemp.cli import main
+from napari_densemp.io import read_nifti, write_nifti
+from src_data.phantoms import LIVER, RIGHT_KIDNEY
+
+from .conftest import dice, paint_largest
+
+# Permuted and flipped axes with an offset: the output must carry exactly this.
+ODD_AFFINE_AXES = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, ct_phantom):
+    folder = tmp_path_factory.mktemp("cli")
+    affine = np.eye(4)
+    affine[:3, :3] = ODD_AFFINE_AXES * np.array(ct_phantom.spacing)[None, :]
+    affine[:3, 3] = [120.5, -80.25, 300.0]
+    image = write_nifti(folder / "ct.nii.gz", ct_phantom.image.astype(np.int16), affine)
+    painted_array, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    painted = write_nifti(folder / "painted.nii.gz", painted_array, affine)
+    return folder, image, painted, affine
+
+
+def test_segments_with_exact_geometry(files, ct_phantom, capsys):
+    folder, image, painted, _affine = files
+    out = folder / "kidney.nii.gz"
+    assert main([str(image), str(painted), "-o", str(out)]) == 0
+    result = read_nifti(out)
+    source = nib.load(str(image))
+    assert result.data.shape == ct_phantom.image.shape
+    np.testing.assert_array_equal(result.affine, source.affine)
+    assert nib.aff2axcodes(result.affine) == nib.aff2axcodes(source.affine)
+    assert result.data.dtype == np.uint8
+    assert dice(result.data.astype(bool), ct_phantom.label == RIGHT_KIDNEY) >= 0.7
+    assert "voxels on slices" in capsys.readouterr().out
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_existing_output_is_not_overwritten(files, capsys):
+    folder, image, painted, _ = files
+    out = folder / "keep.nii.gz"
+    out.write_bytes(b"precious")
+    assert main([str(image), str(painted), "-o", str(out)]) == 2
+    assert "exists" in _err(capsys) and out.read_bytes() == b"precious"
+    assert main([str(image), str(painted), "-o", str(painted), "--overwrite"]) == 2
+    assert "one of the inputs" in _err(capsys)
+
+
+def test_bad_inputs_exit_2_with_a_named_problem(files, ct_phantom, tmp_path, capsys):
+    _, image, painted, affine = files
+    out = str(tmp_path / "o.nii.gz")
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros(ct_phantom.image.shape, np.uint8), affine)
+    small = write_nifti(tmp_path / "small.nii.gz", np.ones((4, 4, 4), np.uint8), affine)
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.ones((40, 40), np.float32), np.eye(4))
+    four_d = write_nifti(tmp_path / "4d.nii.gz", np.ones((8, 8, 8, 2), np.float32), np.eye(4))
+    nan = ct_phantom.image.copy()
+    nan[0, 0, 0] = np.nan
+    nan_image = write_nifti(tmp_path / "nan.nii.gz", nan, affine)
+    shifted = affine.copy()
+    shifted[0, 3] += 5
+    moved = write_nifti(tmp_path / "moved.nii.gz", read_nifti(painted).data, shifted)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    cases = [
+        ([image, empty], "no painted voxel"),
+        ([image, small], "shape"),
+        ([flat, flat], "2D"),
+        ([four_d, four_d], "4D"),
+        ([nan_image, painted], "NaN"),
+        ([image, moved], "affine differs"),
+        ([broken, painted], "Cannot read"),
+        ([image, tmp_path / "missing.nii.gz"], "not found"),
+        ([image, painted, "--model", tmp_path / "nope.pt"], "not found"),
+        ([image, painted, "--model", foreign], "not a napari-densemp checkpoint"),
+    ]
+    for arguments, message in cases:
+        assert main([*map(str, arguments), "-o", out]) == 2, message
+        assert message in _err(capsys)
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_demo_reports_dice(tmp_path, capsys):
+    assert main(["--demo", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    dice_value = float(text.split("3D Dice")[1].split()[0])
+    assert dice_value >= 80.0
+    truth = read_nifti(tmp_path / "demo" / "demo_liver_truth.nii.gz").data.astype(bool)
+    result = read_nifti(tmp_path / "demo" / "demo_liver_propagated.nii.gz").data.astype(bool)
+    assert abs(100 * dice(result, truth) - dice_value) < 0.1
+    assert LIVER == 6

@@ -1,0 +1,154 @@
+"""The propagation engine: the walk's rules on hand-made probabilities, then the whole
+engine with the bundled default model on phantoms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_densemp.engine import Cancelled, FeatureCache, PropagationOptions, _walk, propagate
+from napari_densemp.errors import DenseMPError
+from src_data.phantoms import LEFT_KIDNEY, LIVER, SPLEEN
+
+from .conftest import dice, paint_largest
+
+PIXEL = (1.0, 1.0)
+
+
+def _disc(shape, centre, radius):
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _run_walk(prob: np.ndarray, seeds: dict, limits: tuple, options: PropagationOptions) -> np.ndarray:
+    """The walk on a stack of hand-made probabilities, as a boolean volume."""
+    out = np.zeros(prob.shape, dtype=bool)
+    for z, kept in _walk(lambda z, step: prob[z], len(prob), seeds, limits, options, PIXEL).items():
+        out[z] = kept
+    return out
+
+
+def test_walk_follows_the_structure_and_stops_where_it_ends():
+    prob = np.zeros((12, 40, 40))
+    for z in range(3, 9):
+        prob[z][_disc((40, 40), (20, 20), 8)] = 0.9
+    prob[:, 2:6, 2:6] = 0.9  # an unconnected look-alike on every slice: never kept
+    seeds = {5: _disc((40, 40), (20, 20), 8)}
+    region = _run_walk(prob, seeds, (0, 11), PropagationOptions())
+    assert [z for z in range(12) if region[z].any()] == [3, 4, 5, 6, 7, 8]
+    assert not region[:, 2:6, 2:6].any()
+
+
+def test_walk_stops_when_the_region_balloons_into_a_neighbour():
+    prob = np.zeros((10, 60, 60))
+    for z in range(0, 10):
+        prob[z][_disc((60, 60), (30, 30), 6)] = 0.9
+    prob[7][:, :] = 0.9  # slice 7: everything looks like the structure
+    seeds = {4: _disc((60, 60), (30, 30), 6)}
+    options = PropagationOptions(clip_to_neighbour=False)
+    region = _run_walk(prob, seeds, (0, 9), options)
+    assert [z for z in range(10) if region[z].any()] == list(range(0, 7))
+    # Clipping to the neighbourhood instead keeps the growth bounded and goes on.
+    clipped = _run_walk(prob, seeds, (0, 9), PropagationOptions(max_growth=100.0))
+    assert clipped[7].sum() < _disc((60, 60), (30, 30), 6 + 10).sum() + 1
+    assert clipped[9].any()
+
+
+def test_walk_stops_below_the_minimum_area_and_between_painted_slices():
+    prob = np.zeros((10, 30, 30))
+    for z in range(10):
+        prob[z][_disc((30, 30), (15, 15), 5 if z != 2 else 1)] = 0.9
+    seeds = {5: _disc((30, 30), (15, 15), 5)}
+    region = _run_walk(prob, seeds, (0, 9), PropagationOptions(min_area_mm2=10.0))
+    assert [z for z in range(10) if region[z].any()] == [3, 4, 5, 6, 7, 8, 9]
+    two = {4: seeds[5], 6: seeds[5]}
+    bounded = _run_walk(prob, two, (4, 6), PropagationOptions())
+    assert [z for z in range(10) if bounded[z].any()] == [4, 5, 6]
+
+
+# ------------------------------------------------------------------ with the default model
+@pytest.mark.parametrize("organ,minimum", [(LIVER, 0.80), (SPLEEN, 0.70), (LEFT_KIDNEY, 0.70)])
+def test_phantom_propagation_dice(ct_phantom, default_model, organ, minimum):
+    painted, z = paint_largest(ct_phantom.label, organ)
+    truth = ct_phantom.label == organ
+    result = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2)
+    assert result.mask.shape == ct_phantom.image.shape and result.mask.dtype == bool
+    np.testing.assert_array_equal(result.mask[..., z], truth[..., z])  # the painted slice is kept
+    assert dice(result.mask, truth) >= minimum
+    true_z = np.flatnonzero(truth.any(axis=(0, 1)))
+    assert abs(result.slice_range[0] - true_z[0]) <= 3 and abs(result.slice_range[1] - true_z[-1]) <= 3
+    assert result.confidence.shape == (ct_phantom.image.shape[2],)
+    assert result.confidence[z] > 0.5 and result.confidence[true_z[-1] + 4:].max(initial=0) == 0
+
+
+def test_mri_phantom_propagation(mri_phantom, default_model):
+    painted, _ = paint_largest(mri_phantom.label, LIVER)
+    result = propagate(mri_phantom.image, painted, default_model, spacing=mri_phantom.spacing)
+    assert dice(result.mask, mri_phantom.label == LIVER) >= 0.80
+
+
+def test_axis_is_respected(ct_phantom, default_model):
+    painted, _ = paint_largest(ct_phantom.label, LEFT_KIDNEY)
+    volume = np.ascontiguousarray(ct_phantom.image[:, :, 20:70])
+    paint = np.ascontiguousarray(painted[:, :, 20:70])
+    spacing = ct_phantom.spacing
+    a = propagate(volume, paint, default_model, spacing=spacing, axis=2)
+    moved = propagate(np.moveaxis(volume, 2, 0), np.moveaxis(paint, 2, 0), default_model,
+                      spacing=(spacing[2], spacing[0], spacing[1]), axis=0)
+    np.testing.assert_array_equal(np.moveaxis(moved.mask, 0, 2), a.mask)
+
+
+def test_second_run_reuses_features_and_uses_every_painted_slice(ct_phantom, default_model, monkeypatch):
+    truth = ct_phantom.label == LIVER
+    zs = np.flatnonzero(truth.any(axis=(0, 1)))
+    cache = FeatureCache()
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    first = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, cache=cache)
+    calls = []
+    original = default_model.network.embed
+    monkeypatch.setattr(default_model.network, "embed", lambda x: calls.append(1) or original(x))
+    low, high = zs[0] + 4, zs[-1] - 4
+    painted[..., low] = truth[..., low]
+    painted[..., high] = truth[..., high]
+    second = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, cache=cache,
+                       options=PropagationOptions(between_painted_only=True))
+    assert calls == [] and second.reused_features and not first.reused_features
+    assert second.painted_slices[0] == low and second.painted_slices[-1] == high
+    assert second.slice_range == (low, high)
+    assert second.seconds_head < first.seconds_features
+
+
+def test_cancel_stops_a_run(ct_phantom, default_model):
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    seen = []
+    with pytest.raises(Cancelled):
+        propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing,
+                  progress=lambda done, total, stage: seen.append(done), cancel=lambda: len(seen) >= 1)
+    assert len(seen) == 1
+
+
+def _with_second_label(painted: np.ndarray) -> np.ndarray:
+    painted = painted.copy()
+    painted[:2, :2, 0] = 3
+    return painted
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda v, p: (v, np.zeros_like(p)), "no painted voxel"),
+    (lambda v, p: (v, _with_second_label(p)), "Several label values"),
+    (lambda v, p: (v, p[:-1]), "shape"),
+    (lambda v, p: (v[..., 0], p[..., 0]), "3D"),
+    (lambda v, p: (v[..., None], p[..., None]), "3D"),
+    (lambda v, p: (np.where(p > 0, np.nan, v), p), "NaN"),
+])
+def test_bad_input_is_named(ct_phantom, default_model, make, message):
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    volume, paint = make(ct_phantom.image, painted)
+    with pytest.raises(DenseMPError, match=message):
+        propagate(volume, paint, default_model, spacing=ct_phantom.spacing)
+
+
+def test_label_choice(ct_phantom, default_model):
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    with pytest.raises(DenseMPError, match="Label 4 is not painted"):
+        propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, label=4)

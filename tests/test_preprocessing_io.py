@@ -1,0 +1,100 @@
+"""Intensity profiles, the in-plane grid, and NIfTI geometry kept exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_densemp.errors import DenseMPError
+from napari_densemp.io import read_nifti, write_nifti
+from napari_densemp.preprocessing import (
+    PreprocessingProfile,
+    check_volume,
+    detect_modality,
+    model_grid_size,
+    prepare_volume,
+    resize_slices,
+    window_intensities,
+)
+
+
+def test_ct_window_maps_the_abdominal_window_to_unit_range():
+    hu = np.array([[[-1000.0, -125.0, 75.0, 275.0, 1000.0]]])
+    out = window_intensities(hu, "ct", PreprocessingProfile())
+    np.testing.assert_allclose(out[0, 0], [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_mri_clips_the_bright_end_at_the_percentile():
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(0, 100, size=(4, 50, 50)).astype(np.float32)
+    volume[0, 0, :5] = 1e6  # a few hot voxels must not squash the rest
+    out = window_intensities(volume, "mri", PreprocessingProfile())
+    assert out.max() == pytest.approx(1.0)
+    assert np.median(out) == pytest.approx(0.5, abs=0.02)
+
+
+def test_modality_detection(ct_phantom, mri_phantom):
+    assert detect_modality(ct_phantom.image) == "ct"
+    assert detect_modality(mri_phantom.image) == "mri"
+
+
+def test_grid_size_follows_training_spacing_within_bounds():
+    profile = PreprocessingProfile(in_plane_spacing_mm=1.25, max_in_plane_size=512, min_in_plane_size=64)
+    assert model_grid_size((512, 512), (0.7, 0.7), profile) == (287, 287)
+    assert model_grid_size((256, 256), (1.25, 1.25), profile) == (256, 256)
+    assert model_grid_size((512, 256), (2.0, 2.0), profile) == (512, 256)  # capped: 819 -> 512
+    assert model_grid_size((40, 40), (1.0, 1.0), profile) == (64, 64)
+
+
+def test_prepare_volume_is_zscored_on_model_grid(ct_phantom):
+    slices = np.moveaxis(ct_phantom.image, 2, 0)
+    prepared, modality = prepare_volume(slices, ct_phantom.spacing[:2], PreprocessingProfile())
+    assert modality == "ct"
+    expected = model_grid_size(slices.shape[1:], ct_phantom.spacing[:2], PreprocessingProfile())
+    assert tuple(prepared.shape) == (slices.shape[0], *expected)
+    assert abs(float(prepared.mean())) < 0.05 and abs(float(prepared.std()) - 1) < 0.05
+
+
+def test_nearest_resize_keeps_label_values():
+    labels = torch.tensor([[[0.0, 3.0], [6.0, 1.0]]])
+    out = resize_slices(labels, (5, 5), mode="nearest")
+    assert set(out.unique().tolist()) <= {0.0, 1.0, 3.0, 6.0}
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((4, 4)), "3D"),
+    (np.zeros((2, 4, 4, 3)), "3D"),
+    (np.full((2, 2, 2), np.nan), "NaN"),
+    (np.array([[[1, np.inf]]]), "infinite"),
+    (np.array([[["a"]]]), "real numbers"),
+])
+def test_bad_volumes_are_named(bad, message):
+    with pytest.raises(DenseMPError, match=message):
+        check_volume(bad)
+
+
+def test_nifti_round_trip_keeps_affine_and_refuses_overwrite(tmp_path):
+    # An oblique-free but permuted, flipped affine; values a NIfTI header (float32) holds exactly.
+    affine = np.array([[0.0, -0.8125, 0.0, 10.5], [0.0, 0.0, 2.5, -4.25], [-0.75, 0.0, 0.0, 33.0], [0, 0, 0, 1]])
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    path = write_nifti(tmp_path / "x.nii.gz", data, affine)
+    scan = read_nifti(path)
+    np.testing.assert_array_equal(scan.data, data)
+    np.testing.assert_array_equal(scan.affine, affine)
+    assert scan.spacing == pytest.approx((0.75, 0.8125, 2.5))
+    with pytest.raises(DenseMPError, match="exists"):
+        write_nifti(path, data * 0, affine)
+    np.testing.assert_array_equal(read_nifti(path).data, data)  # untouched
+    write_nifti(path, data * 0, affine, overwrite=True)
+    assert read_nifti(path).data.sum() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]
+
+
+def test_unreadable_file_is_named(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DenseMPError, match="Cannot read"):
+        read_nifti(bad)
+    with pytest.raises(DenseMPError, match="not found"):
+        read_nifti(tmp_path / "nope.nii")

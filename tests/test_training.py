@@ -1,0 +1,126 @@
+"""Augmentations, episodes and the stage-2 loop (a few iterations on tiny phantoms)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from napari_densemp.checkpoint import load_checkpoint
+from napari_densemp.network import NetworkConfig
+from src_data.datasets import PreparedScan
+from training.augment import AugmentConfig, augment, random_grid
+from training.cli import main as train_main
+from training.episodes import SuperpixelEpisodes, usable_slices
+from training.loop import OptimConfig
+from training.stage2 import Stage2Config, run_stage2
+
+IDENTITY = AugmentConfig(rotation_deg=0, translation_px=0, shear_deg=0, scale=(1, 1), elastic_alpha=0,
+                         gamma=(1, 1))
+
+
+def test_identity_augmentation_changes_nothing():
+    images = torch.randn(2, 1, 20, 30)
+    masks = (torch.rand(2, 20, 30) > 0.5).long()
+    out_images, out_masks = augment(images, masks, IDENTITY, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out_images, images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_masks, masks)
+
+
+def test_translation_moves_content_by_pixels():
+    cfg = AugmentConfig(rotation_deg=0, translation_px=5, shear_deg=0, scale=(1, 1), elastic_alpha=0, gamma=(1, 1))
+    image = torch.zeros(1, 1, 32, 32)
+    image[0, 0, 16, 16] = 1.0
+    generator = torch.Generator().manual_seed(3)
+    out, _ = augment(image, torch.zeros(1, 32, 32), cfg, generator)
+    y, x = np.unravel_index(int(out[0, 0].argmax()), (32, 32))
+    assert abs(int(y) - 16) + abs(int(x) - 16) >= 1 and abs(int(y) - 16) <= 5 and abs(int(x) - 16) <= 5
+
+
+def test_reference_augmentation_keeps_masks_binary_and_range():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 1, 64, 64)
+    masks = torch.zeros(4, 64, 64, dtype=torch.long)
+    masks[:, 20:40, 20:40] = 1
+    out, out_masks = augment(images, masks, AugmentConfig(), generator)
+    assert set(out_masks.unique().tolist()) <= {0, 1}
+    assert 250 < out_masks[0].sum() < 700  # a 400-pixel square, scaled 0.9-1.2
+    assert out.min() >= images.min() - 1e-4 and out.max() <= images.max() + 1e-4
+    grid = random_grid(4, 64, 64, AugmentConfig(), torch.Generator().manual_seed(2))
+    assert grid.shape == (4, 64, 64, 2) and grid.abs().max() < 1.5
+
+
+def _toy_scans() -> list[PreparedScan]:
+    rng = np.random.default_rng(0)
+    scans = []
+    for i in range(2):
+        image = rng.standard_normal((4, 48, 48)).astype(np.float16)
+        segments = np.zeros((4, 48, 48), dtype=np.int32)
+        segments[:, :24] = 1
+        segments[:, 24:] = 2
+        segments[0] = 0  # no superpixel: never used
+        label = np.zeros((4, 48, 48), dtype=np.int16)
+        label[2, 5:10, 5:10] = 3  # slice 2 holds class 3
+        scans.append(PreparedScan(f"toy{i}", image, segments, label, "mri"))
+    return scans
+
+
+def test_usable_slices_and_setting2_exclusion():
+    scans = _toy_scans()
+    assert len(usable_slices(scans)) == 6
+    excluded = usable_slices(scans, excluded_classes=[3])
+    assert len(excluded) == 4 and 2 not in excluded[:, 1]
+
+
+def test_episodes_are_a_pure_function_of_seed_and_index():
+    dataset = SuperpixelEpisodes(_toy_scans(), crop=32, seed=5)
+    a, b = dataset.episode(17), dataset.episode(17)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    c = dataset.episode(18)
+    assert not torch.equal(a["query_image"], c["query_image"])
+    assert a["support_image"].shape == (1, 32, 32) and a["support_mask"].shape == (32, 32)
+    assert a["support_mask"].sum() > 0 and a["query_label"].sum() > 0
+    assert not torch.equal(a["support_image"], a["query_image"])  # two independent augmentations
+    stream = iter(SuperpixelEpisodes(_toy_scans(), crop=32, seed=5, start=17))
+    torch.testing.assert_close(next(stream)["query_image"], a["query_image"])
+
+
+def _config(run_dir, iterations: int, phantoms_dir=None) -> Stage2Config:
+    return Stage2Config(run_dir=run_dir, phantoms=1, crop=64, seed=3,
+                        network=NetworkConfig(depth=18, last_layer=3, feature_dim=32),
+                        optim=OptimConfig(iterations=iterations, checkpoint_every=2, log_every=1, amp="off"),
+                        device="cpu")
+
+
+@pytest.mark.slow
+def test_stage2_resume_matches_uninterrupted_run(tmp_path):
+    straight = run_stage2(_config(tmp_path / "straight", 4))
+    run_stage2(_config(tmp_path / "resumed", 2))
+    resumed = run_stage2(_config(tmp_path / "resumed", 4))  # picks up last.pt at iteration 2
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a.training["iteration"] == b.training["iteration"] == 4
+    for key, value in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[key], value, msg=key)
+    with open(tmp_path / "resumed" / "log.csv") as log:
+        rows = list(csv.DictReader(log))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    assert a.provenance["stage"] == "stage2" and a.provenance["iterations"] == 4
+    assert any(name.startswith("phantom_ct") for name in a.provenance["data"])
+
+
+@pytest.mark.slow
+def test_train_cli_runs_and_exports(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = train_main(["stage2", "--phantoms", "1", "--out", str(run), "--iterations", "3", "--depth", "18",
+                       "--last-layer", "3", "--feature-dim", "16", "--crop", "64", "--amp", "off",
+                       "--device", "cpu"])
+    assert code == 0
+    assert train_main(["export", str(run / "last.pt"), str(tmp_path / "model.pt")]) == 0
+    exported = load_checkpoint(tmp_path / "model.pt")
+    assert exported.training is None and exported.network.feature_dim == 16
+    assert train_main(["export", str(run / "last.pt"), str(tmp_path / "model.pt")]) == 2
+    assert "exists" in capsys.readouterr().err
