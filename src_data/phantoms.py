@@ -18,12 +18,13 @@ from scipy import ndimage
 SPLEEN, RIGHT_KIDNEY, LEFT_KIDNEY, LIVER = 1, 2, 3, 6
 ORGAN_NAMES = {SPLEEN: "spleen", RIGHT_KIDNEY: "right kidney", LEFT_KIDNEY: "left kidney", LIVER: "liver"}
 
-# Mean intensity of each tissue: CT in HU, MRI (T2-like) in arbitrary scanner units.
+# Mean intensity of each tissue: CT in HU (portal-venous phase), MRI as T2 with fat
+# suppression (like CHAOS T2-SPIR) in arbitrary scanner units.
 TISSUE = {
-    "ct": {"air": -1000, "fat": -100, "muscle": 45, "bone": 600, LIVER: 65, SPLEEN: 50,
-           RIGHT_KIDNEY: 160, LEFT_KIDNEY: 160, "bowel": 10},
-    "mri": {"air": 5, "fat": 650, "muscle": 180, "bone": 120, LIVER: 260, SPLEEN: 560,
-            RIGHT_KIDNEY: 700, LEFT_KIDNEY: 700, "bowel": 400},
+    "ct": {"air": -1000, "fat": -100, "muscle": 55, "bone": 600, LIVER: 105, SPLEEN: 115,
+           RIGHT_KIDNEY: 170, LEFT_KIDNEY: 170, "bowel": 35},
+    "mri": {"air": 5, "fat": 110, "muscle": 150, "bone": 90, LIVER: 260, SPLEEN: 520,
+            RIGHT_KIDNEY: 650, LEFT_KIDNEY: 650, "bowel": 380},
 }
 
 
@@ -89,12 +90,20 @@ def make_phantom(seed: int, modality: Literal["ct", "mri"] = "ct") -> Phantom:
     body_a, body_b = rng.uniform(130, 165), rng.uniform(95, 120)
     body = (x / body_a) ** 2 + (y / body_b) ** 2 < 1.0 + 0.04 * wobble
     inner = (x / (body_a - rng.uniform(8, 20))) ** 2 + (y / (body_b - rng.uniform(8, 18))) ** 2 < 1.0
+    # Subcutaneous fat, the abdominal wall's muscle, then fat between bowel loops inside.
+    wall = rng.uniform(8, 16)
+    cavity = (x / (body_a - rng.uniform(8, 20) - wall)) ** 2 + (y / (body_b - rng.uniform(8, 18) - wall)) ** 2 < 1.0
     image[body] = tissue["fat"]
     image[body & inner] = tissue["muscle"]
-    bowel = body & inner & (_upsampled_field(rng, (24, 24, 12), shape, 1.0) > 0.25)
+    image[body & cavity] = tissue["fat"]
+    inner = cavity
+    bowel = body & inner & (_upsampled_field(rng, (24, 24, 12), shape, 1.0) > rng.uniform(-0.2, 0.1))
     image[bowel] = tissue["bowel"]
     spine_y = body_b * rng.uniform(0.55, 0.7)
     spine_disc = (x / rng.uniform(14, 20)) ** 2 + ((y - spine_y) / rng.uniform(14, 18)) ** 2 < 1.0
+    psoas = sum(((x - side * rng.uniform(25, 35)) / rng.uniform(10, 16)) ** 2
+                + ((y - spine_y + 5) / rng.uniform(12, 18)) ** 2 < 1.0 for side in (-1, 1))
+    image[np.broadcast_to(psoas.astype(bool), shape)] = tissue["muscle"]
     spine = np.broadcast_to(spine_disc, shape)
     image[spine] = tissue["bone"]
 
