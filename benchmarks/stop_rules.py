@@ -36,6 +36,14 @@ RULES = {
     "connected + clip 20mm + growth 1.5x + area": PropagationOptions(neighbour_margin_mm=20.0),
     "connected + clip + growth 1.5x + area 50mm2": PropagationOptions(min_area_mm2=50.0),
     "connected + clip + growth 1.5x + threshold 0.7": PropagationOptions(threshold=0.7),
+    "connected + clip + growth 1.5x + confidence 0.8": PropagationOptions(min_confidence=0.8),
+    "connected + clip + confidence 0.8 (no growth)": PropagationOptions(max_growth=INF, min_confidence=0.8),
+    "connected + clip + growth 1.2x + confidence 0.75": PropagationOptions(max_growth=1.2, min_confidence=0.75),
+    "connected + clip + growth 1.5x + relative conf 0.9": PropagationOptions(min_relative_confidence=0.9),
+    "connected + clip + growth 1.2x + relative conf 0.85": PropagationOptions(max_growth=1.2,
+                                                                             min_relative_confidence=0.85),
+    "connected + clip 5mm + growth 1.2x + relative 0.85": PropagationOptions(
+        neighbour_margin_mm=5.0, max_growth=1.2, min_relative_confidence=0.85),
 }
 
 

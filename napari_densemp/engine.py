@@ -160,6 +160,8 @@ class PropagationOptions:
     clip_to_neighbour: bool = True  # and are cut to it: adjacent organs cannot leak in
     max_growth: float = 1.5  # a region larger than this x the previous slice's ends the structure
     min_area_mm2: float = 10.0  # a smaller region ends the structure
+    min_confidence: float = 0.0  # a region whose mean foreground probability is lower ends it
+    min_relative_confidence: float = 0.0  # ... or lower than this x the painted slice's own
     between_painted_only: bool = False  # segment only between the first and last painted slice
 
 
@@ -262,6 +264,8 @@ class SliceScorer:
 def _near(previous: np.ndarray, margin_mm: float, pixel_mm: tuple[float, float]) -> np.ndarray:
     """Pixels within ``margin_mm`` of ``previous``: a Euclidean dilation computed in its
     bounding box only, which keeps the walk cheap on large slices."""
+    if not np.isfinite(margin_mm):
+        return np.ones_like(previous)
     near = np.zeros_like(previous)
     ys, xs = np.nonzero(previous)
     if ys.size == 0:
@@ -286,6 +290,8 @@ def _walk(prob: Callable[[int], np.ndarray], n: int, painted: dict[int, np.ndarr
     for p in order:
         region[p] = painted[p].copy()
     for i, p in enumerate(order):
+        reference = float(prob(p, 1)[painted[p]].mean()) if painted[p].any() else 1.0
+        floor = max(options.min_confidence, options.min_relative_confidence * reference)
         for step in (-1, 1):
             # Walk until the next painted slice in this direction (it has its own walk).
             neighbour = order[i + step] if 0 <= i + step < len(order) else None
@@ -303,7 +309,9 @@ def _walk(prob: Callable[[int], np.ndarray], n: int, painted: dict[int, np.ndarr
                 if options.clip_to_neighbour:
                     kept &= near
                 area = kept.sum() * pixel_area
-                if area < options.min_area_mm2:
+                if area == 0 or area < options.min_area_mm2:
+                    break
+                if floor > 0 and prob(z, step)[kept].mean() < floor:
                     break
                 if area > options.max_growth * previous.sum() * pixel_area:
                     break

@@ -69,20 +69,26 @@ def detect_modality(volume: np.ndarray) -> Modality:
 def window_intensities(volume: np.ndarray, modality: Modality,
                        profile: PreprocessingProfile) -> np.ndarray:
     """CT: HU window; MRI: clip above the profile's percentile. Returns float32 in [0, 1]."""
-    volume = np.asarray(volume, dtype=np.float32)
+    source = np.asarray(volume)
     if modality == "ct":
         low, high = profile.ct_window
     else:
-        low = float(volume.min())
-        high = float(np.percentile(volume, profile.mri_upper_percentile))
-    scaled = (np.clip(volume, low, high) - low) / max(high - low, 1e-6)
-    return scaled.astype(np.float32, copy=False)
+        sample = source[:: max(1, source.shape[0] // 64)]  # percentiles of a large volume, cheaply
+        low = float(source.min())
+        high = float(np.percentile(sample, profile.mri_upper_percentile))
+    scaled = np.array(source, dtype=np.float32)  # one float32 copy, then in place
+    np.clip(scaled, low, high, out=scaled)
+    scaled -= low
+    scaled /= max(high - low, 1e-6)
+    return scaled
 
 
 def zscore(volume: np.ndarray) -> np.ndarray:
-    """Per-volume z-score: robust to scanners' arbitrary MRI units and to CT windows alike."""
-    mean, std = float(volume.mean()), float(volume.std())
-    return ((volume - mean) / max(std, 1e-6)).astype(np.float32, copy=False)
+    """Per-volume z-score, in place: robust to scanners' arbitrary MRI units and to CT windows."""
+    mean, std = float(volume.mean(dtype=np.float64)), float(volume.std(dtype=np.float64))
+    volume -= mean
+    volume /= max(std, 1e-6)
+    return volume
 
 
 def model_grid_size(shape_hw: tuple[int, int], spacing_hw: tuple[float, float],

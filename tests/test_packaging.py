@@ -57,3 +57,11 @@ def test_npe2_reads_the_manifest_from_an_installed_wheel(wheel, tmp_path):
     name, module_file = out.stdout.split()
     assert name == "napari-densemp"
     assert Path(module_file).is_relative_to(target)
+
+
+def test_library_and_clis_import_without_qt_or_napari():
+    probe = ("import sys; import napari_densemp.engine, napari_densemp.cli, training.cli, training.stage2;"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+             " {'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui', 'superqt'}))")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
