@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from .atomic import write_atomically
 from .errors import DenseMPError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -68,14 +68,5 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
         image.set_qform(affine, code=int(reference["qform_code"]) or 1)
         image.set_sform(affine, code=int(reference["sform_code"]) or 1)
     image.header.set_slope_inter(1.0, 0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: nib.save(image, tmp), suffix=suffix)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_densemp.atomic import write_atomically
 from napari_densemp.io import is_nifti, read_nifti
 from napari_densemp.preprocessing import (
     Modality,
@@ -140,12 +141,9 @@ def prepare_scan(record: ScanRecord, profile: PreprocessingProfile, cache_dir: s
                               mode="nearest").numpy().astype(np.int16)
     prepared = PreparedScan(record.name, image.astype(np.float16), segments, label, modality)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"image": prepared.image, "superpixels": segments, "modality": np.array(modality)}
         if label is not None:
             arrays["label"] = label
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(cache)
+        write_atomically(cache, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
     log.info("prepared %s: %s slices of %s, %s", record.name, image.shape[0], image.shape[1:], modality)
     return prepared
