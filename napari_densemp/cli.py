@@ -60,8 +60,7 @@ def _progress_bar():
             for other in bars.values():
                 other.close()
             bar = bars[stage] = tqdm(total=total, desc=stage, unit="slice" if total > 1 else "step", leave=False)
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     def close() -> None:
         for bar in bars.values():
