@@ -196,20 +196,6 @@ def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray,
     return painted == label, int(label)
 
 
-def _supports_for_slices(painted_slices: list[int], n_slices: int) -> list[list[int]]:
-    """For every slice, the painted slices whose prototypes score it: the nearest painted
-    slice on each side (both when it lies between two)."""
-    result = []
-    for z in range(n_slices):
-        below = [p for p in painted_slices if p <= z]
-        above = [p for p in painted_slices if p >= z]
-        chosen = {below[-1]} if below else set()
-        if above:
-            chosen.add(above[0])
-        result.append(sorted(chosen))
-    return result
-
-
 class SliceScorer:
     """Foreground probability of a slice on the model grid, computed on first request.
 
@@ -350,12 +336,12 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     if axis not in (0, 1, 2, -1, -2, -3):
         raise DenseMPError(f"axis must be 0, 1 or 2; got {axis}.")
     axis = axis % 3
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DenseMPError(f"spacing must be three positive numbers (mm); got {spacing}.")
     binary, label = _painted_binary(painted, label)
     slices = np.moveaxis(volume, axis, 0)
     paint = np.moveaxis(binary, axis, 0)
     spacing_hw = tuple(float(s) for i, s in enumerate(spacing) if i != axis)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise DenseMPError(f"spacing must be three positive numbers (mm); got {spacing}.")
     painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
 
     key = FeatureCache.key(model, slices, spacing_hw, modality)
