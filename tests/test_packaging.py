@@ -65,3 +65,10 @@ def test_library_and_clis_import_without_qt_or_napari():
              " {'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui', 'superqt'}))")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_code_is_ruff_clean():
+    ruff = pytest.importorskip("ruff")
+    del ruff
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
