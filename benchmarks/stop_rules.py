@@ -26,24 +26,22 @@ INF = float("inf")
 RULES = {
     "no stop (threshold only)": PropagationOptions(neighbour_margin_mm=INF, clip_to_neighbour=False,
                                                    max_growth=INF, min_area_mm2=0.0),
-    "connected to neighbour": PropagationOptions(clip_to_neighbour=False, max_growth=INF, min_area_mm2=0.0),
-    "connected + growth 1.5x": PropagationOptions(clip_to_neighbour=False, max_growth=1.5, min_area_mm2=0.0),
-    "connected + clip 10mm": PropagationOptions(clip_to_neighbour=True, max_growth=INF, min_area_mm2=0.0),
-    "connected + clip + growth 1.5x": PropagationOptions(max_growth=1.5, min_area_mm2=0.0),
-    "connected + clip + growth 1.5x + area 10mm2": PropagationOptions(),
-    "connected + clip + growth 1.2x + area 10mm2": PropagationOptions(max_growth=1.2),
-    "connected + clip 5mm + growth 1.5x + area": PropagationOptions(neighbour_margin_mm=5.0),
-    "connected + clip 20mm + growth 1.5x + area": PropagationOptions(neighbour_margin_mm=20.0),
-    "connected + clip + growth 1.5x + area 50mm2": PropagationOptions(min_area_mm2=50.0),
-    "connected + clip + growth 1.5x + threshold 0.7": PropagationOptions(threshold=0.7),
-    "connected + clip + growth 1.5x + confidence 0.8": PropagationOptions(min_confidence=0.8),
-    "connected + clip + confidence 0.8 (no growth)": PropagationOptions(max_growth=INF, min_confidence=0.8),
-    "connected + clip + growth 1.2x + confidence 0.75": PropagationOptions(max_growth=1.2, min_confidence=0.75),
-    "connected + clip + growth 1.5x + relative conf 0.9": PropagationOptions(min_relative_confidence=0.9),
-    "connected + clip + growth 1.2x + relative conf 0.85": PropagationOptions(max_growth=1.2,
-                                                                             min_relative_confidence=0.85),
-    "connected + clip 5mm + growth 1.2x + relative 0.85": PropagationOptions(
-        neighbour_margin_mm=5.0, max_growth=1.2, min_relative_confidence=0.85),
+    "connected to neighbour": PropagationOptions(clip_to_neighbour=False, max_growth=INF),
+    "connected + growth 1.5x": PropagationOptions(clip_to_neighbour=False, max_growth=1.5),
+    "connected + growth 1.5x + confidence 0.8": PropagationOptions(clip_to_neighbour=False, min_confidence=0.8),
+    "clip 10mm + growth 1.5x": PropagationOptions(),
+    "clip 10mm + growth 1.2x": PropagationOptions(max_growth=1.2),
+    "clip 5mm + growth 1.5x + confidence 0.8": PropagationOptions(neighbour_margin_mm=5.0, min_confidence=0.8),
+    "clip 20mm + growth 1.5x + confidence 0.8": PropagationOptions(neighbour_margin_mm=20.0, min_confidence=0.8),
+    **{f"clip 10mm + growth 1.5x + confidence {c}": PropagationOptions(min_confidence=c)
+       for c in (0.7, 0.75, 0.8, 0.85)},
+    **{f"clip 10mm + growth 1.2x + confidence {c}": PropagationOptions(max_growth=1.2, min_confidence=c)
+       for c in (0.75, 0.8)},
+    **{f"clip 10mm + growth 1.5x + relative confidence {c}": PropagationOptions(min_relative_confidence=c)
+       for c in (0.85, 0.9)},
+    "clip 10mm + growth 1.2x + alignment 0.6": PropagationOptions(max_growth=1.2, min_alignment=0.6),
+    "clip 10mm + growth 1.5x + confidence 0.8 + alignment 0.5": PropagationOptions(min_confidence=0.8,
+                                                                                   min_alignment=0.5),
 }
 
 
@@ -87,12 +85,12 @@ def main() -> int:
     organs = sorted({s[0] for s in next(iter(scores.values()))})
     header = "".join(f"{o:>7}" for o in organs)
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} it), {len(records)} scans")
-    print(f"{'rule':<48}{header}{'mean':>7}{'over':>6}{'under':>6}   (Dice %, slices past/short of the organ)")
+    print(f"{'rule':<58}{header}{'mean':>7}{'over':>6}{'under':>6}   (Dice %, slices past/short of the organ)")
     for name, rows in scores.items():
         table = np.array(rows, dtype=float)
         per_organ = [100 * table[table[:, 0] == o, 1].mean() for o in organs]
         cells = "".join(f"{v:>7.1f}" for v in per_organ)
-        print(f"{name:<48}{cells}{np.mean(per_organ):>7.1f}{table[:, 2].mean():>6.1f}{table[:, 3].mean():>6.1f}")
+        print(f"{name:<58}{cells}{np.mean(per_organ):>7.1f}{table[:, 2].mean():>6.1f}{table[:, 3].mean():>6.1f}")
     return 0
 
 

@@ -162,6 +162,8 @@ class PropagationOptions:
     min_area_mm2: float = 10.0  # a smaller region ends the structure
     min_confidence: float = 0.0  # a region whose mean foreground probability is lower ends it
     min_relative_confidence: float = 0.0  # ... or lower than this x the painted slice's own
+    min_alignment: float = 0.0  # a region that, used as support, re-segments the previous
+    #                             slice's mask with a lower Dice ends it (inference-time PAR)
     between_painted_only: bool = False  # segment only between the first and last painted slice
 
 
@@ -246,6 +248,23 @@ class SliceScorer:
             self._cache.update(zip(batch, prob))
         return self._cache[z]
 
+    def alignment(self, z: int, mask: np.ndarray, target: int, target_mask: np.ndarray, threshold: float) -> float:
+        """Dice with which slice z's region, used as the support, re-segments ``target``.
+
+        A region that is the same structure reproduces its neighbour; one that leaked into
+        another organ, or is a look-alike past the structure's end, does not.
+        """
+        features = self.feats.features
+        with torch.inference_mode():
+            soft = resize_mask(torch.from_numpy(mask.astype(np.float32)), features.shape[-2:])
+            fg, bg = support_prototypes(features[z].float(), soft, self.config.inference_window, self.config)
+            logits = head_logits(features[target:target + 1].float(), fg, bg, self.config.scale)
+            margin = F.interpolate(logits[:, 1:] - logits[:, :1], size=self.feats.grid_size, mode="bilinear",
+                                   align_corners=False)
+            predicted = (torch.sigmoid(margin)[0, 0] > threshold).numpy()
+        total = predicted.sum() + target_mask.sum()
+        return float(2 * (predicted & target_mask).sum() / total) if total else 0.0
+
 
 def _near(previous: np.ndarray, margin_mm: float, pixel_mm: tuple[float, float]) -> np.ndarray:
     """Pixels within ``margin_mm`` of ``previous``: a Euclidean dilation computed in its
@@ -264,11 +283,13 @@ def _near(previous: np.ndarray, margin_mm: float, pixel_mm: tuple[float, float])
     return near
 
 
-def _walk(prob: Callable[[int], np.ndarray], n: int, painted: dict[int, np.ndarray], limits: tuple[int, int],
-          options: PropagationOptions, pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
+def _walk(prob: SliceScorer | Callable[[int, int], np.ndarray], n: int, painted: dict[int, np.ndarray],
+          limits: tuple[int, int], options: PropagationOptions,
+          pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
     """Grow the structure slice by slice away from each painted slice until it ends.
 
-    ``prob(z)`` gives slice z's foreground probability; returns the kept region per slice.
+    ``prob(z, step)`` gives slice z's foreground probability (``step``: the walk's direction,
+    so scoring can run ahead); returns the kept region per slice.
     """
     region: dict[int, np.ndarray] = {}
     pixel_area = pixel_mm[0] * pixel_mm[1]
@@ -300,6 +321,9 @@ def _walk(prob: Callable[[int], np.ndarray], n: int, painted: dict[int, np.ndarr
                 if floor > 0 and prob(z, step)[kept].mean() < floor:
                     break
                 if area > options.max_growth * previous.sum() * pixel_area:
+                    break
+                if options.min_alignment > 0 and prob.alignment(z, kept, z - step, previous,
+                                                                options.threshold) < options.min_alignment:
                     break
                 region[z] = region[z] | kept if z in region else kept
                 previous = kept
