@@ -152,3 +152,41 @@ def test_label_choice(ct_phantom, default_model):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     with pytest.raises(DenseMPError, match="Label 4 is not painted"):
         propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, label=4)
+
+
+def _synthetic_scorer(organ_slices: range):
+    """A scorer over hand-made features: organ cells carry e1, the rest e2 (+ a little e3)."""
+    import torch
+
+    from napari_densemp.engine import Model, SliceScorer, VolumeFeatures
+    from napari_densemp.network import FewShotSegmenter, NetworkConfig
+    from napari_densemp.preprocessing import PreprocessingProfile
+
+    n, size = 10, 16
+    features = torch.zeros(n, 4, size, size)
+    features[:, 1] = 1.0
+    features[:, 2] = 0.1
+    organ = torch.from_numpy(_disc((size, size), (8, 8), 4))
+    for z in organ_slices:
+        features[z, :, organ] = torch.tensor([1.0, 0.0, 0.1, 0.0])[:, None]
+    feats = VolumeFeatures(features.to(torch.bfloat16), (64, 64), (64, 64), "ct", 0.0)
+    network = FewShotSegmenter(NetworkConfig(depth=18, last_layer=3, feature_dim=4))
+    model = Model(network, PreprocessingProfile(), torch.device("cpu"), "synthetic")
+    painted = torch.from_numpy(_disc((64, 64), (33, 33), 16).astype(np.float32))
+    return SliceScorer(model, feats, {5: painted}), painted.numpy() > 0.5
+
+
+def test_scorer_and_walk_on_synthetic_features():
+    scorer, seed = _synthetic_scorer(range(2, 8))
+    assert scorer(5)[seed].mean() > 0.9 and scorer(5)[~seed].mean() < 0.1
+    assert scorer(9).max() < 0.5  # no organ features: nothing above threshold
+    region = _walk(scorer, 10, {5: seed}, (0, 9), PropagationOptions(), PIXEL)
+    assert sorted(z for z, kept in region.items() if kept.any()) == [2, 3, 4, 5, 6, 7]
+
+
+def test_alignment_separates_the_structure_from_a_look_alike():
+    scorer, seed = _synthetic_scorer(range(2, 8))
+    assert scorer.alignment(6, seed, 5, seed, 0.5) > 0.9
+    wrong = np.zeros_like(seed)
+    wrong[:10, :10] = True  # background used as support: re-segments background, not the organ
+    assert scorer.alignment(6, wrong, 5, seed, 0.5) < 0.2
