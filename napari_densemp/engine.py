@@ -198,6 +198,16 @@ def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray,
     return painted == label, int(label)
 
 
+def _check_painting_axis(binary: np.ndarray, axis: int) -> None:
+    """A painting that lies in one plane across ``axis`` was made on another axis' slice."""
+    counts = [int(binary.any(axis=tuple(a for a in range(3) if a != k)).sum()) for k in range(3)]
+    flat = [k for k in range(3) if k != axis and counts[k] == 1]
+    if counts[axis] > 2 and flat:
+        raise DenseMPError(f"The painting lies in a single slice along axis {flat[0]} but spans {counts[axis]} "
+                           f"slices along the slicing axis {axis}: it was painted on a slice of axis {flat[0]}. "
+                           f"Set the slicing axis to {flat[0]}.")
+
+
 class SliceScorer:
     """Foreground probability of a slice on the model grid, computed on first request.
 
@@ -363,6 +373,7 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise DenseMPError(f"spacing must be three positive numbers (mm); got {spacing}.")
     binary, label = _painted_binary(painted, label)
+    _check_painting_axis(binary, axis)
     slices = np.moveaxis(volume, axis, 0)
     paint = np.moveaxis(binary, axis, 0)
     spacing_hw = tuple(float(s) for i, s in enumerate(spacing) if i != axis)

@@ -148,6 +148,14 @@ def test_bad_input_is_named(ct_phantom, default_model, make, message):
         propagate(volume, paint, default_model, spacing=ct_phantom.spacing)
 
 
+def test_painting_on_another_axis_is_named(ct_phantom, default_model):
+    painted = np.zeros(ct_phantom.label.shape, np.uint8)
+    x = ct_phantom.label.shape[0] // 3
+    painted[x] = ct_phantom.label[x] == LIVER  # a sagittal slice painted, axial slicing asked
+    with pytest.raises(DenseMPError, match="Set the slicing axis to 0"):
+        propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2)
+
+
 def test_label_choice(ct_phantom, default_model):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     with pytest.raises(DenseMPError, match="Label 4 is not painted"):
