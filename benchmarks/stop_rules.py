@@ -25,23 +25,18 @@ from src_data.splits import split_scans
 INF = float("inf")
 RULES = {
     "no stop (threshold only)": PropagationOptions(neighbour_margin_mm=INF, clip_to_neighbour=False,
-                                                   max_growth=INF, min_area_mm2=0.0),
-    "connected to neighbour": PropagationOptions(clip_to_neighbour=False, max_growth=INF),
-    "connected + growth 1.5x": PropagationOptions(clip_to_neighbour=False, max_growth=1.5),
-    "connected + growth 1.5x + confidence 0.8": PropagationOptions(clip_to_neighbour=False, min_confidence=0.8),
-    "clip 10mm + growth 1.5x": PropagationOptions(),
-    "clip 10mm + growth 1.2x": PropagationOptions(max_growth=1.2),
-    "clip 5mm + growth 1.5x + confidence 0.8": PropagationOptions(neighbour_margin_mm=5.0, min_confidence=0.8),
-    "clip 20mm + growth 1.5x + confidence 0.8": PropagationOptions(neighbour_margin_mm=20.0, min_confidence=0.8),
-    **{f"clip 10mm + growth 1.5x + confidence {c}": PropagationOptions(min_confidence=c)
+                                                   max_growth=INF, min_area_mm2=0.0, min_confidence=0.0),
+    "connected to neighbour": PropagationOptions(clip_to_neighbour=False, max_growth=INF, min_confidence=0.0),
+    "connected + growth 1.5x": PropagationOptions(clip_to_neighbour=False, max_growth=1.5, min_confidence=0.0),
+    "connected + growth 1.5x + confidence 0.8": PropagationOptions(clip_to_neighbour=False, max_growth=1.5),
+    "clip 10mm + growth 1.5x": PropagationOptions(max_growth=1.5, min_confidence=0.0),
+    "clip 10mm + growth 1.2x": PropagationOptions(min_confidence=0.0),
+    "clip 5mm + growth 1.5x + confidence 0.8": PropagationOptions(neighbour_margin_mm=5.0, max_growth=1.5),
+    "clip 20mm + growth 1.5x + confidence 0.8": PropagationOptions(neighbour_margin_mm=20.0, max_growth=1.5),
+    **{f"clip 10mm + growth 1.5x + confidence {c}": PropagationOptions(max_growth=1.5, min_confidence=c)
        for c in (0.7, 0.75, 0.8, 0.85)},
-    **{f"clip 10mm + growth 1.2x + confidence {c}": PropagationOptions(max_growth=1.2, min_confidence=c)
-       for c in (0.75, 0.8)},
-    **{f"clip 10mm + growth 1.5x + relative confidence {c}": PropagationOptions(min_relative_confidence=c)
-       for c in (0.85, 0.9)},
-    "clip 10mm + growth 1.2x + alignment 0.6": PropagationOptions(max_growth=1.2, min_alignment=0.6),
-    "clip 10mm + growth 1.5x + confidence 0.8 + alignment 0.5": PropagationOptions(min_confidence=0.8,
-                                                                                   min_alignment=0.5),
+    "clip 10mm + growth 1.2x + confidence 0.75": PropagationOptions(min_confidence=0.75),
+    "clip 10mm + growth 1.2x + confidence 0.8 (default)": PropagationOptions(),
 }
 
 
@@ -53,7 +48,9 @@ def main() -> int:
     parser.add_argument("--split", default="seen", choices=["seen", "held-out", "all"])
     parser.add_argument("--limit", type=int)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--rules", nargs="*", help="score only the rules whose names contain one of these")
     args = parser.parse_args()
+    rules = {name: o for name, o in RULES.items() if not args.rules or any(r in name for r in args.rules)}
     model = load_model(args.model, "auto")
     if args.phantoms:
         tmp = Path(tempfile.mkdtemp(prefix="densemp-rules-"))
@@ -64,7 +61,7 @@ def main() -> int:
         seen, held = split_scans(args.data)
         records = {"seen": seen, "held-out": held, "all": seen + held}[args.split]
     records = records[: args.limit] if args.limit else records
-    scores: dict[str, list[tuple[int, float, int, int]]] = {name: [] for name in RULES}
+    scores: dict[str, list[tuple[int, float, int, int]]] = {name: [] for name in rules}
     for record in records:
         scan = load_scan(record)
         cache = FeatureCache()
@@ -75,7 +72,7 @@ def main() -> int:
                 continue
             painted, _ = paint_largest_slice(truth)
             true_z = np.flatnonzero(truth.any(axis=(0, 1)))
-            for name, options in RULES.items():
+            for name, options in rules.items():
                 result = propagate(scan.volume, painted, model, spacing=scan.spacing, options=options, cache=cache)
                 low, high = result.slice_range
                 over = max(true_z[0] - low, 0) + max(high - true_z[-1], 0)

@@ -158,12 +158,9 @@ class PropagationOptions:
     threshold: float = 0.5  # foreground probability
     neighbour_margin_mm: float = 10.0  # kept components must touch the previous mask grown by this
     clip_to_neighbour: bool = True  # and are cut to it: adjacent organs cannot leak in
-    max_growth: float = 1.5  # a region larger than this x the previous slice's ends the structure
+    max_growth: float = 1.2  # a region larger than this x the previous slice's ends the structure
     min_area_mm2: float = 10.0  # a smaller region ends the structure
-    min_confidence: float = 0.0  # a region whose mean foreground probability is lower ends it
-    min_relative_confidence: float = 0.0  # ... or lower than this x the painted slice's own
-    min_alignment: float = 0.0  # a region that, used as support, re-segments the previous
-    #                             slice's mask with a lower Dice ends it (inference-time PAR)
+    min_confidence: float = 0.8  # a region whose mean foreground probability is lower ends it
     between_painted_only: bool = False  # segment only between the first and last painted slice
 
 
@@ -184,7 +181,11 @@ def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray,
         if np.issubdtype(painted.dtype, np.floating) and not np.isfinite(painted).all():
             raise DenseMPError("The painted mask holds NaN or infinite values.")
         painted = np.rint(painted).astype(np.int64)
-    values = np.unique(painted)
+    flat = painted.ravel()
+    if painted.dtype == bool or (np.issubdtype(painted.dtype, np.unsignedinteger) and painted.itemsize <= 2):
+        values = np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False)))  # O(n), no sort
+    else:
+        values = np.unique(flat)
     values = values[values != 0]
     if values.size == 0:
         raise DenseMPError("The painted mask has no painted voxel: paint the structure on at least one slice.")
@@ -258,23 +259,6 @@ class SliceScorer:
             self._cache.update(zip(batch, prob))
         return self._cache[z]
 
-    def alignment(self, z: int, mask: np.ndarray, target: int, target_mask: np.ndarray, threshold: float) -> float:
-        """Dice with which slice z's region, used as the support, re-segments ``target``.
-
-        A region that is the same structure reproduces its neighbour; one that leaked into
-        another organ, or is a look-alike past the structure's end, does not.
-        """
-        features = self.feats.features
-        with torch.inference_mode():
-            soft = resize_mask(torch.from_numpy(mask.astype(np.float32)), features.shape[-2:])
-            fg, bg = support_prototypes(features[z].float(), soft, self.config.inference_window, self.config)
-            logits = head_logits(features[target:target + 1].float(), fg, bg, self.config.scale)
-            margin = F.interpolate(logits[:, 1:] - logits[:, :1], size=self.feats.grid_size, mode="bilinear",
-                                   align_corners=False)
-            predicted = (torch.sigmoid(margin)[0, 0] > threshold).numpy()
-        total = predicted.sum() + target_mask.sum()
-        return float(2 * (predicted & target_mask).sum() / total) if total else 0.0
-
 
 def _near(previous: np.ndarray, margin_mm: float, pixel_mm: tuple[float, float]) -> np.ndarray:
     """Pixels within ``margin_mm`` of ``previous``: a Euclidean dilation computed in its
@@ -293,7 +277,22 @@ def _near(previous: np.ndarray, margin_mm: float, pixel_mm: tuple[float, float])
     return near
 
 
-def _walk(prob: SliceScorer | Callable[[int, int], np.ndarray], n: int, painted: dict[int, np.ndarray],
+def _kept(prob: np.ndarray, previous: np.ndarray, options: PropagationOptions,
+          pixel_mm: tuple[float, float]) -> np.ndarray:
+    """The predicted components that touch ``previous`` grown by the margin (cut to it)."""
+    candidate = prob > options.threshold
+    if not candidate.any():
+        return candidate
+    near = _near(previous, options.neighbour_margin_mm, pixel_mm)
+    components, _ = ndimage.label(candidate)
+    touching = np.unique(components[near & candidate])
+    kept = np.isin(components, touching[touching != 0])
+    if options.clip_to_neighbour:
+        kept &= near
+    return kept
+
+
+def _walk(prob: Callable[[int, int], np.ndarray], n: int, painted: dict[int, np.ndarray],
           limits: tuple[int, int], options: PropagationOptions,
           pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
     """Grow the structure slice by slice away from each painted slice until it ends.
@@ -307,36 +306,28 @@ def _walk(prob: SliceScorer | Callable[[int, int], np.ndarray], n: int, painted:
     for p in order:
         region[p] = painted[p].copy()
     for i, p in enumerate(order):
-        reference = float(prob(p, 1)[painted[p]].mean()) if painted[p].any() else 1.0
-        floor = max(options.min_confidence, options.min_relative_confidence * reference)
         for step in (-1, 1):
             # Walk until the next painted slice in this direction (it has its own walk).
             neighbour = order[i + step] if 0 <= i + step < len(order) else None
             end = (limits[0] - 1 if step < 0 else limits[1] + 1) if neighbour is None else neighbour
             previous = painted[p]
+            # Growth compares like with like: the network's prediction on the previous
+            # slice (on the painted slice, its prediction there, not the painting), since
+            # small or thin structures come out wider than painted at stride 8.
+            previous_area = _kept(prob(p, step), previous, options, pixel_mm).sum() * pixel_area
+            previous_area = previous_area or previous.sum() * pixel_area
             z = p + step
             while z != end and 0 <= z < n:
-                candidate = prob(z, step) > options.threshold
-                if not candidate.any():
-                    break
-                near = _near(previous, options.neighbour_margin_mm, pixel_mm)
-                components, _ = ndimage.label(candidate)
-                touching = np.unique(components[near & candidate])
-                kept = np.isin(components, touching[touching != 0])
-                if options.clip_to_neighbour:
-                    kept &= near
+                kept = _kept(prob(z, step), previous, options, pixel_mm)
                 area = kept.sum() * pixel_area
                 if area == 0 or area < options.min_area_mm2:
                     break
-                if floor > 0 and prob(z, step)[kept].mean() < floor:
+                if area > options.max_growth * previous_area:
                     break
-                if area > options.max_growth * previous.sum() * pixel_area:
-                    break
-                if options.min_alignment > 0 and prob.alignment(z, kept, z - step, previous,
-                                                                options.threshold) < options.min_alignment:
+                if prob(z, step)[kept].mean() < options.min_confidence:
                     break
                 region[z] = region[z] | kept if z in region else kept
-                previous = kept
+                previous, previous_area = kept, area
                 z += step
     return region
 
@@ -379,7 +370,7 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     spacing_hw = tuple(float(s) for i, s in enumerate(spacing) if i != axis)
     painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
 
-    key = FeatureCache.key(model, slices, spacing_hw, modality)
+    key = FeatureCache.key(model, slices, spacing_hw, modality) if cache is not None else None
     feats = cache.get(key) if cache is not None else None
     reused = feats is not None
     if feats is None:

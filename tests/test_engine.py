@@ -190,11 +190,3 @@ def test_scorer_and_walk_on_synthetic_features():
     assert scorer(9).max() < 0.5  # no organ features: nothing above threshold
     region = _walk(scorer, 10, {5: seed}, (0, 9), PropagationOptions(), PIXEL)
     assert sorted(z for z, kept in region.items() if kept.any()) == [2, 3, 4, 5, 6, 7]
-
-
-def test_alignment_separates_the_structure_from_a_look_alike():
-    scorer, seed = _synthetic_scorer(range(2, 8))
-    assert scorer.alignment(6, seed, 5, seed, 0.5) > 0.9
-    wrong = np.zeros_like(seed)
-    wrong[:10, :10] = True  # background used as support: re-segments background, not the organ
-    assert scorer.alignment(6, wrong, 5, seed, 0.5) < 0.2
