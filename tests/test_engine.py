@@ -8,7 +8,7 @@ import pytest
 
 from napari_densemp.engine import Cancelled, FeatureCache, PropagationOptions, _walk, propagate
 from napari_densemp.errors import DenseMPError
-from src_data.phantoms import LEFT_KIDNEY, LIVER, SPLEEN
+from src_data.phantoms import LIVER, RIGHT_KIDNEY, SPLEEN
 
 from .conftest import dice, paint_largest
 
@@ -67,8 +67,9 @@ def test_walk_stops_below_the_minimum_area_and_between_painted_slices():
 
 
 # ------------------------------------------------------------------ with the default model
-@pytest.mark.parametrize("organ,minimum", [(LIVER, 0.80), (SPLEEN, 0.70), (LEFT_KIDNEY, 0.70)])
+@pytest.mark.parametrize("organ,minimum", [(LIVER, 0.80), (SPLEEN, 0.70), (RIGHT_KIDNEY, 0.70)])
 def test_phantom_propagation_dice(ct_phantom, default_model, organ, minimum):
+    """Well above copying the painted slice everywhere (0.58, 0.55, 0.49 on this phantom)."""
     painted, z = paint_largest(ct_phantom.label, organ)
     truth = ct_phantom.label == organ
     result = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2)
@@ -76,21 +77,22 @@ def test_phantom_propagation_dice(ct_phantom, default_model, organ, minimum):
     np.testing.assert_array_equal(result.mask[..., z], truth[..., z])  # the painted slice is kept
     assert dice(result.mask, truth) >= minimum
     true_z = np.flatnonzero(truth.any(axis=(0, 1)))
-    assert abs(result.slice_range[0] - true_z[0]) <= 3 and abs(result.slice_range[1] - true_z[-1]) <= 3
+    # it stops where the organ ends: within 5 slices, far from the volume's ends
+    assert abs(result.slice_range[0] - true_z[0]) <= 5 and abs(result.slice_range[1] - true_z[-1]) <= 5
     assert result.confidence.shape == (ct_phantom.image.shape[2],)
-    assert result.confidence[z] > 0.5 and result.confidence[true_z[-1] + 4:].max(initial=0) == 0
+    assert result.confidence[z] > 0.8 and result.confidence[true_z[-1] + 6:].max(initial=0) == 0
 
 
 def test_mri_phantom_propagation(mri_phantom, default_model):
-    painted, _ = paint_largest(mri_phantom.label, LIVER)
+    painted, _ = paint_largest(mri_phantom.label, RIGHT_KIDNEY)
     result = propagate(mri_phantom.image, painted, default_model, spacing=mri_phantom.spacing)
-    assert dice(result.mask, mri_phantom.label == LIVER) >= 0.80
+    assert dice(result.mask, mri_phantom.label == RIGHT_KIDNEY) >= 0.70  # copying everywhere: 0.52
 
 
 def test_axis_is_respected(ct_phantom, default_model):
-    painted, _ = paint_largest(ct_phantom.label, LEFT_KIDNEY)
-    volume = np.ascontiguousarray(ct_phantom.image[:, :, 20:70])
-    paint = np.ascontiguousarray(painted[:, :, 20:70])
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    volume = np.ascontiguousarray(ct_phantom.image[:, :, 10:50])
+    paint = np.ascontiguousarray(painted[:, :, 10:50])
     spacing = ct_phantom.spacing
     a = propagate(volume, paint, default_model, spacing=spacing, axis=2)
     moved = propagate(np.moveaxis(volume, 2, 0), np.moveaxis(paint, 2, 0), default_model,
