@@ -181,12 +181,7 @@ def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray,
         if np.issubdtype(painted.dtype, np.floating) and not np.isfinite(painted).all():
             raise DenseMPError("The painted mask holds NaN or infinite values.")
         painted = np.rint(painted).astype(np.int64)
-    flat = painted.ravel()
-    if painted.dtype == bool or (np.issubdtype(painted.dtype, np.unsignedinteger) and painted.itemsize <= 2):
-        values = np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False)))  # O(n), no sort
-    else:
-        values = np.unique(flat)
-    values = values[values != 0]
+    values = np.unique(painted[painted != 0])  # painted voxels are few: sort only those
     if values.size == 0:
         raise DenseMPError("The painted mask has no painted voxel: paint the structure on at least one slice.")
     if label is None:
