@@ -99,6 +99,8 @@ def _config(run_dir, iterations: int, phantoms_dir=None) -> Stage2Config:
 def test_stage2_resume_matches_uninterrupted_run(tmp_path):
     straight = run_stage2(_config(tmp_path / "straight", 4))
     run_stage2(_config(tmp_path / "resumed", 2))
+    with open(tmp_path / "resumed" / "log.csv", "a") as log:  # logged, then killed before a checkpoint
+        log.write("3,9.9,9.9,0.0,0.001,1.0,1.0\n")
     resumed = run_stage2(_config(tmp_path / "resumed", 4))  # picks up last.pt at iteration 2
     a, b = load_checkpoint(straight), load_checkpoint(resumed)
     assert a.training["iteration"] == b.training["iteration"] == 4
@@ -106,7 +108,8 @@ def test_stage2_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(b.state_dict[key], value, msg=key)
     with open(tmp_path / "resumed" / "log.csv") as log:
         rows = list(csv.DictReader(log))
-    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]  # the replayed row 3 once, not twice
+    assert float(rows[2]["loss"]) != 9.9
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     assert a.provenance["stage"] == "stage2" and a.provenance["iterations"] == 4
     assert any(name.startswith("phantom_ct") for name in a.provenance["data"])

@@ -89,11 +89,15 @@ def train_episodes(model: FewShotSegmenter, episodes: Iterable[dict[str, torch.T
         log.info("resumed %s at iteration %d", last, start)
     autocast, scaler = autocast_for(dev, optim.amp)
     log_path = run_dir / "log.csv"
-    new_log = not log_path.exists() or start == 0
-    log_file = open(log_path, "w" if new_log else "a", newline="")  # noqa: SIM115 - closed below
+    kept_rows = []
+    if start > 0 and log_path.exists():  # rows logged after the checkpoint are replayed: drop them
+        with open(log_path, newline="") as old:
+            kept_rows = [row for row in csv.reader(old)][1:]
+        kept_rows = [row for row in kept_rows if row and int(row[0]) <= start]
+    log_file = open(log_path, "w", newline="")  # noqa: SIM115 - closed below
     writer = csv.writer(log_file)
-    if new_log:
-        writer.writerow(["iteration", "loss", "query_loss", "align_loss", "lr", "episodes_per_s", "elapsed_s"])
+    writer.writerow(["iteration", "loss", "query_loss", "align_loss", "lr", "episodes_per_s", "elapsed_s"])
+    writer.writerows(kept_rows)
 
     def checkpoint(iteration: int, elapsed: float) -> None:
         provenance = {"stage": info.stage, "data": info.data, "iterations": iteration, "seed": info.seed,
