@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, propagate
-from src_data.datasets import find_scans, load_scan
+from src_data.datasets import ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES, write_cohort
 from src_data.splits import split_scans
 
@@ -37,6 +37,21 @@ def paint_largest_slice(truth: np.ndarray, axis: int = 2) -> tuple[np.ndarray, i
     index[axis] = z
     painted[tuple(index)] = truth[tuple(index)]
     return painted, z
+
+
+def select_scans(data: Path | None, phantoms: int, split: str, limit: int | None,
+                 first_seed: int = 100) -> list[ScanRecord]:
+    """The scans a benchmark scores: N CT and N MRI phantoms (seeds from ``first_seed``
+    and ``first_seed + 100``), or one split of a data folder."""
+    if phantoms:
+        tmp = Path(tempfile.mkdtemp(prefix="densemp-bench-"))
+        write_cohort(tmp, phantoms, "ct", first_seed=first_seed)
+        write_cohort(tmp, phantoms, "mri", first_seed=first_seed + 100)
+        records = find_scans(tmp)
+    else:
+        seen, held = split_scans(data)
+        records = {"held-out": held, "seen": seen, "all": seen + held}[split]
+    return records[:limit] if limit else records
 
 
 def copy_baselines(truth: np.ndarray, z: int) -> tuple[float, float]:
@@ -65,19 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     options = PropagationOptions(**overrides)
     model = load_model(args.model, args.device)
 
-    if args.phantoms:
-        tmp = Path(tempfile.mkdtemp(prefix="densemp-bench-"))
-        write_cohort(tmp, args.phantoms, "ct", first_seed=100)
-        write_cohort(tmp, args.phantoms, "mri", first_seed=200)
-        records = find_scans(tmp)
-        names = ORGAN_NAMES
-    elif args.data:
-        seen, held = split_scans(args.data)
-        records = {"held-out": held, "seen": seen, "all": seen + held}[args.split]
-        names = {}
-    else:
+    if not (args.data or args.phantoms):
         parser.error("give --data or --phantoms")
-    records = records[: args.limit] if args.limit else records
+    records = select_scans(args.data, args.phantoms, args.split, args.limit)
+    names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from accuracy import dice, paint_largest_slice
+from accuracy import dice, paint_largest_slice, select_scans
 
 from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, propagate
-from src_data.datasets import find_scans, load_scan
-from src_data.phantoms import write_cohort
-from src_data.splits import split_scans
+from src_data.datasets import load_scan
 
 INF = float("inf")
 RULES = {
@@ -52,15 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     rules = {name: o for name, o in RULES.items() if not args.rules or any(r in name for r in args.rules)}
     model = load_model(args.model, "auto")
-    if args.phantoms:
-        tmp = Path(tempfile.mkdtemp(prefix="densemp-rules-"))
-        write_cohort(tmp, args.phantoms, "ct", first_seed=300)
-        write_cohort(tmp, args.phantoms, "mri", first_seed=400)
-        records = find_scans(tmp)
-    else:
-        seen, held = split_scans(args.data)
-        records = {"seen": seen, "held-out": held, "all": seen + held}[args.split]
-    records = records[: args.limit] if args.limit else records
+    records = select_scans(args.data, args.phantoms, args.split, args.limit, first_seed=300)
     scores: dict[str, list[tuple[int, float, int, int]]] = {name: [] for name in rules}
     for record in records:
         scan = load_scan(record)
