@@ -162,6 +162,7 @@ class PropagationOptions:
     min_area_mm2: float = 10.0  # a smaller region ends the structure
     min_confidence: float = 0.8  # a region whose mean foreground probability is lower ends it
     between_painted_only: bool = False  # segment only between the first and last painted slice
+    calibrate_threshold: bool = True  # output threshold: the one that best redraws the painting on its slice
 
 
 @dataclass
@@ -327,6 +328,21 @@ def _walk(prob: Callable[[int, int], np.ndarray], n: int, painted: dict[int, np.
     return region
 
 
+def _calibrated_threshold(prob: Callable[[int], np.ndarray], painted: dict[int, np.ndarray],
+                          options: PropagationOptions, pixel_mm: tuple[float, float]) -> float:
+    """The output threshold that best redraws the painting from the network's prediction on
+    the painted slice(s): the walk finds where the structure is with ``options.threshold``;
+    this sets how wide it is drawn (small structures come out wide at stride 8)."""
+    candidates = np.round(np.arange(0.3, 0.99, 0.02), 2)
+    scores = np.zeros(len(candidates))
+    for p, truth in painted.items():
+        kept_prob = prob(p) * _kept(prob(p), truth, options, pixel_mm)
+        for i, t in enumerate(candidates):
+            guess = kept_prob > t
+            scores[i] += 2 * (guess & truth).sum() / max(guess.sum() + truth.sum(), 1)
+    return float(candidates[int(np.argmax(scores))])
+
+
 def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
               spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
               label: int | None = None, options: PropagationOptions | None = None,
@@ -387,6 +403,8 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         # a stroke thinner than a grid pixel still seeds the walk
         seeds[p] = soft > 0.5 if (soft > 0.5).any() else soft >= soft.max()
     region = _walk(scorer, n_slices, seeds, limits, options, pixel_mm)
+    threshold = _calibrated_threshold(scorer, seeds, options, pixel_mm) if options.calibrate_threshold \
+        else options.threshold
     confidence = np.zeros(n_slices, dtype=np.float32)
     out = np.zeros(paint.shape, dtype=bool)
     for z, kept in region.items():
@@ -395,7 +413,7 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         prob = scorer(z)
         confidence[z] = float(prob[kept].mean())
         native = resize_slices(torch.from_numpy(prob * kept)[None], feats.native_size)[0]
-        out[z] = (native > options.threshold).numpy()
+        out[z] = (native > threshold).numpy()
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
     if progress is not None:
         progress(1, 1, "propagating")

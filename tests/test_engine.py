@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_densemp.engine import Cancelled, FeatureCache, PropagationOptions, _walk, propagate
+from napari_densemp.engine import Cancelled, FeatureCache, PropagationOptions, _calibrated_threshold, _walk, propagate
 from napari_densemp.errors import DenseMPError
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, SPLEEN
 
@@ -64,6 +64,17 @@ def test_walk_stops_below_the_minimum_area_and_between_painted_slices():
     two = {4: seeds[5], 6: seeds[5]}
     bounded = _run_walk(prob, two, (4, 6), PropagationOptions())
     assert [z for z in range(10) if bounded[z].any()] == [4, 5, 6]
+
+
+def test_output_threshold_is_the_one_that_redraws_the_painting():
+    # A prediction that comes out wider than the painting (as small structures do at
+    # stride 8): a cone of probability; the painting is its part above 0.8.
+    yy, xx = np.mgrid[:50, :50]
+    prob = np.clip(1.0 - np.hypot(yy - 25, xx - 25) / 20.0, 0, 1) ** 0.25
+    painting = prob > 0.8
+    threshold = _calibrated_threshold(lambda z: prob, {0: painting}, PropagationOptions(), PIXEL)
+    assert 0.76 <= threshold <= 0.82
+    assert (prob > 0.5).sum() > 1.5 * painting.sum()  # what the fixed threshold would draw
 
 
 # ------------------------------------------------------------------ with the default model
