@@ -38,9 +38,10 @@ class Phantom:
 
     @property
     def affine(self) -> np.ndarray:
-        """RAS affine with the volume centred on the origin."""
-        affine = np.diag([*self.spacing, 1.0])
-        affine[:3, 3] = -0.5 * np.array(self.spacing) * (np.array(self.image.shape) - 1)
+        """Voxel -> RAS mm, centred on the origin. The array's x runs from the patient's right
+        to left and y from front to back (LPS axes, as DICOM), so the world axes flip x and y."""
+        affine = np.diag([-self.spacing[0], -self.spacing[1], self.spacing[2], 1.0])
+        affine[:3, 3] = -0.5 * np.diag(affine)[:3] * (np.array(self.image.shape) - 1)
         return affine
 
 
