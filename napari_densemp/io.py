@@ -19,7 +19,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 class Scan:
     data: np.ndarray  # as stored, (x, y, z) for 3D
     affine: np.ndarray  # 4x4 voxel -> world (mm)
-    header: nib.Nifti1Header
+    header: nib.Nifti1Header | None  # None for scans read from DICOM
     path: Path | None = None
 
     @property
@@ -47,6 +47,16 @@ def read_nifti(path: str | os.PathLike) -> Scan:
     return Scan(data=np.asarray(data), affine=image.affine.copy(), header=image.header.copy(), path=path)
 
 
+def read_scan(path: str | os.PathLike) -> Scan:
+    """A NIfTI file or a DICOM series folder."""
+    path = Path(path)
+    if path.is_dir():
+        from .dicom import read_dicom_series
+
+        return read_dicom_series(path)
+    return read_nifti(path)
+
+
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                 reference: nib.Nifti1Header | None = None, overwrite: bool = False) -> Path:
     """Write ``data`` with exactly ``affine`` (and the reference header's codes) atomically.
@@ -70,3 +80,84 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     image.header.set_slope_inter(1.0, 0.0)
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     return write_atomically(path, lambda tmp: nib.save(image, tmp), suffix=suffix)
+
+
+# --------------------------------------------------------------------------- display geometry
+# napari shows the last two array axes and slides along the first. Scans are reoriented for
+# display so that the slider walks axial slices from feet to head, anterior is at the top and
+# the patient's right on the screen's left (the radiological convention); the exact
+# permutation and flips are kept, so a mask drawn on the display array goes back to the
+# stored grid bit for bit and is saved with the scan's own affine.
+DISPLAY_AXCODES = ("S", "P", "L")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a display array came from: the stored grid's affine and the reorientation."""
+
+    affine: np.ndarray  # stored voxel -> world (RAS mm)
+    stored_shape: tuple[int, int, int]
+    to_display: np.ndarray  # nibabel orientation transform, stored -> display axes
+
+    @classmethod
+    def for_scan(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
+        start = nib.orientations.io_orientation(affine)
+        target = nib.orientations.axcodes2ornt(DISPLAY_AXCODES)
+        return cls(np.asarray(affine, dtype=np.float64), tuple(int(n) for n in shape[:3]),
+                   nib.orientations.ornt_transform(start, target))
+
+    @property
+    def stored_spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def display_spacing(self) -> tuple[float, float, float]:
+        spacing = [0.0, 0.0, 0.0]
+        for stored_axis, (display_axis, _) in enumerate(self.to_display):
+            spacing[int(display_axis)] = self.stored_spacing[stored_axis]
+        return tuple(spacing)
+
+    def display(self, data: np.ndarray) -> np.ndarray:
+        """Stored array -> display array (a view: no copy)."""
+        self._check(data, self.stored_shape)
+        return nib.orientations.apply_orientation(data, self.to_display)
+
+    def stored(self, data: np.ndarray) -> np.ndarray:
+        """Display array -> stored array, exactly undoing :meth:`display`."""
+        self._check(data, self.display_shape)
+        return nib.orientations.apply_orientation(data, self._to_stored())
+
+    @property
+    def display_shape(self) -> tuple[int, int, int]:
+        shape = [0, 0, 0]
+        for stored_axis, (display_axis, _) in enumerate(self.to_display):
+            shape[int(display_axis)] = self.stored_shape[stored_axis]
+        return tuple(shape)
+
+    def _to_stored(self) -> np.ndarray:
+        inverse = np.zeros_like(self.to_display)
+        for stored_axis, (display_axis, flip) in enumerate(self.to_display):
+            inverse[int(display_axis)] = (stored_axis, flip)
+        return inverse
+
+    @staticmethod
+    def _check(data: np.ndarray, expected: tuple[int, ...]) -> None:
+        if tuple(np.shape(data)) != tuple(expected):
+            raise DenseMPError(f"Array of shape {tuple(np.shape(data))} does not match the scan's "
+                               f"{tuple(expected)}.")
+
+    def to_metadata(self) -> dict:
+        """Plain lists, so the layer's metadata survives napari's copying and saving."""
+        return {"affine": self.affine.tolist(), "stored_shape": list(self.stored_shape),
+                "to_display": self.to_display.tolist()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict | None) -> Geometry | None:
+        entry = (metadata or {}).get(METADATA_KEY)
+        if not entry:
+            return None
+        return cls(np.asarray(entry["affine"], dtype=np.float64), tuple(entry["stored_shape"]),
+                   np.asarray(entry["to_display"], dtype=np.float64))
+
+
+METADATA_KEY = "densemp_geometry"

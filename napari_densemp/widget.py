@@ -1,0 +1,380 @@
+"""The "One-shot segment" dock widget: a thin shell over :func:`napari_densemp.engine.propagate`.
+
+It gathers the layers and options, runs the engine in a ``thread_worker`` (napari stays
+responsive; progress and Cancel work), and puts the result into a labels layer that is never
+the painted one. A re-run after a correction reuses the cached backbone features; each
+propagation can be undone as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from qtpy.QtCore import QObject, Signal
+
+from .errors import DenseMPError
+from .io import METADATA_KEY, Geometry
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL_CHOICE = "bundled default"
+FILE_MODEL_CHOICE = "checkpoint file"
+NEW_LAYER = "new layer"
+UNDO_DEPTH = 5
+RESULT_KEY = "densemp_result"
+
+
+def _digest(data: np.ndarray) -> str:
+    """Tells whether a layer was edited since we wrote it, without keeping a copy."""
+    return hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=16).hexdigest()
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the widget (a queued Qt connection)."""
+
+    progressed = Signal(int, int, int, str)  # run number, done, total, stage
+
+
+@dataclass
+class _Undo:
+    layer: Any  # the napari Labels layer the propagation wrote to
+    previous: np.ndarray | None  # its data before; None: the propagation created it
+
+
+@dataclass
+class _Request:
+    """Everything a run needs, read from the widget on the main thread."""
+
+    volume: np.ndarray
+    painted: np.ndarray
+    spacing: tuple[float, float, float]
+    axis: int
+    label: int | None
+    model_source: str
+    device: str
+    between_painted_only: bool
+    image_layer: Any = None
+    geometry: Geometry | None = None  # the scan's stored grid, when the layer came from our reader
+
+    def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int]:
+        """Volume, painting, spacing and slicing axis on the scan's stored grid: the engine then
+        sees exactly what ``densemp-segment`` sees for the same file (the model is not
+        flip-invariant), and the widget gives the CLI's mask."""
+        if self.geometry is None or self.geometry.display_shape != self.volume.shape:
+            return self.volume, self.painted, self.spacing, self.axis
+        stored_axis = int(np.flatnonzero(self.geometry.to_display[:, 0] == self.axis)[0])
+        return (self.geometry.stored(self.volume), self.geometry.stored(self.painted),
+                self.geometry.stored_spacing, stored_axis)
+
+    def to_display(self, mask: np.ndarray, per_slice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The engine's mask and per-slice values back on the display grid."""
+        if self.geometry is None or self.geometry.display_shape != self.volume.shape:
+            return mask, per_slice
+        stored_axis = int(np.flatnonzero(self.geometry.to_display[:, 0] == self.axis)[0])
+        flipped = self.geometry.to_display[stored_axis, 1] < 0
+        return self.geometry.display(mask), per_slice[::-1] if flipped else per_slice
+
+
+class OneShotWidget(Container):
+    """Paint a structure on one slice, press Propagate, get it through the volume."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self._image = create_widget(annotation="napari.layers.Image", label="image")
+        self._painted = create_widget(annotation="napari.layers.Labels", label="painted")
+        self._label = SpinBox(value=0, min=0, max=2**31 - 1, label="label (0: auto)",
+                              tooltip="The painted value to propagate; 0: the only value painted.")
+        self._target = ComboBox(label="result into", choices=self._target_choices,
+                                tooltip="A new labels layer, or an existing one (other labels in it are kept).")
+        self._model = ComboBox(label="model", choices=[DEFAULT_MODEL_CHOICE, FILE_MODEL_CHOICE])
+        self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
+        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
+        self._axis = ComboBox(label="slicing axis", choices=["auto", "0", "1", "2"],
+                              tooltip="auto: the axis of the slider (the one not displayed).")
+        self._between = CheckBox(text="only between the painted slices", value=False)
+        self._propagate = PushButton(text="Propagate")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._undo = PushButton(text="Undo propagation", enabled=False)
+        self._progress = ProgressBar(value=0, min=0, max=100, label="progress", visible=False)
+        self._status = Label(value="Paint the structure on one slice, then press Propagate.")
+        self._slice_info = Label(value="")
+        self._status.native.setWordWrap(True)
+        self.extend([self._image, self._painted, self._label, self._target, self._model, self._checkpoint,
+                     self._device, self._axis, self._between, self._propagate, self._cancel, self._undo,
+                     self._progress, self._status, self._slice_info])
+
+        self._models: dict[tuple[str, str], Any] = {}
+        self._feature_cache = None  # created with the engine on first use (torch loads lazily)
+        self._cancel_flag = threading.Event()
+        self._worker = None
+        self._activity = None
+        self._runs = 0
+        self._undo_stack: list[_Undo] = []
+        self._own_results: dict[tuple[str, int], Any] = {}  # (image name, label) -> layer we wrote
+        self._written: dict[int, str] = {}  # id(layer) -> digest of what we last wrote there
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._on_progress)
+
+        self._model.changed.connect(lambda v: setattr(self._checkpoint, "visible", v == FILE_MODEL_CHOICE))
+        self._propagate.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        self._undo.changed.connect(self.undo)
+        self.viewer.dims.events.current_step.connect(self._show_slice_info)
+
+    # ------------------------------------------------------------------ inputs
+    def _target_choices(self, _widget=None) -> list:
+        layers = [] if not hasattr(self, "viewer") else [
+            layer for layer in self.viewer.layers
+            if layer.__class__.__name__ == "Labels" and layer is not self._painted.value]
+        return [NEW_LAYER, *[layer.name for layer in layers]]
+
+    def _slicing_axis(self, image) -> int:
+        if self._axis.value != "auto":
+            return int(self._axis.value)
+        hidden = [a - (self.viewer.dims.ndim - image.ndim) for a in self.viewer.dims.not_displayed]
+        hidden = [a for a in hidden if 0 <= a < 3]
+        return hidden[0] if self.viewer.dims.ndisplay == 2 and hidden else 0
+
+    def _request(self) -> _Request:
+        """Read and check the inputs; a DenseMPError names what is wrong."""
+        image, painted = self._image.value, self._painted.value
+        if image is None:
+            raise DenseMPError("Choose the image layer to segment.")
+        if painted is None:
+            raise DenseMPError("Add a labels layer and paint the structure on one slice.")
+        if getattr(image, "multiscale", False) or getattr(image, "rgb", False):
+            raise DenseMPError(f"'{image.name}' is multiscale or RGB; a single-channel 3D scan is needed.")
+        if image.ndim != 3:
+            raise DenseMPError(f"'{image.name}' is {image.ndim}D; one-shot segmentation needs a 3D volume.")
+        if tuple(painted.data.shape) != tuple(image.data.shape):
+            raise DenseMPError(f"'{painted.name}' has shape {tuple(painted.data.shape)} but '{image.name}' has "
+                               f"{tuple(image.data.shape)}: paint in a labels layer made for this image.")
+        source = "default"
+        if self._model.value == FILE_MODEL_CHOICE:
+            source = str(self._checkpoint.value)
+            if not self._checkpoint.value or not str(self._checkpoint.value).strip(". "):
+                raise DenseMPError("Choose a checkpoint file, or the bundled default model.")
+        return _Request(
+            volume=np.asarray(image.data), painted=np.asarray(painted.data),
+            spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),
+            label=int(self._label.value) or None, model_source=source, device=self._device.value,
+            between_painted_only=bool(self._between.value), image_layer=image,
+            geometry=Geometry.from_metadata(image.metadata))
+
+    # ------------------------------------------------------------------ running
+    def _load_model(self, source: str, device: str):
+        from .engine import FeatureCache, load_model
+
+        if self._feature_cache is None:
+            self._feature_cache = FeatureCache(max_volumes=2)
+        key = (source, device)
+        if key not in self._models:
+            self._models = {key: load_model(source, device)}  # one model in memory at a time
+        return self._models[key]
+
+    def _compute(self, request: _Request, run: int):
+        """Runs in the worker thread: plain engine calls only."""
+        from .engine import PropagationOptions, propagate
+
+        model = self._load_model(request.model_source, request.device)
+        options = PropagationOptions(between_painted_only=request.between_painted_only)
+        volume, painted, spacing, axis = request.on_stored_grid()
+        result = propagate(volume, painted, model, spacing=spacing, axis=axis, label=request.label,
+                           options=options, cache=self._feature_cache,
+                           progress=lambda done, total, stage: self._relay.progressed.emit(run, done, total, stage),
+                           cancel=self._cancel_flag.is_set)
+        result.mask, result.confidence = request.to_display(result.mask, result.confidence)
+        on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))
+        result.slice_range = (int(on_slices[0]), int(on_slices[-1])) if on_slices.size else None
+        result.painted_slices = [int(z) for z in np.flatnonzero(
+            request.painted.any(axis=tuple(a for a in range(3) if a != request.axis)))]
+        return result
+
+    def run(self) -> None:
+        """Propagate in a background thread; errors become notifications, never dialogs."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        if self._worker is not None:
+            return
+        try:
+            request = self._request()
+        except DenseMPError as exc:
+            self._notify_error(str(exc))
+            return
+        self._cancel_flag.clear()
+        self._runs += 1
+        self._set_running(True)
+        start = time.perf_counter()
+        self._activity = progress(total=100, desc="One-shot segment")  # napari's activity dock
+        # The run ends in "returned" or "errored" (not "finished", which can arrive first and
+        # drop the last reference to the worker before its result is delivered).
+        worker = thread_worker(self._compute, start_thread=False, connect={
+            "returned": lambda result: self._end_run(self._on_result, request, result, time.perf_counter() - start),
+            "errored": lambda exc: self._end_run(self._on_error, exc)})(request, self._runs)
+        self._worker = worker
+        worker.start()
+
+    def _end_run(self, handler, *args) -> None:
+        try:
+            handler(*args)
+        finally:
+            self._set_running(False)
+
+    def cancel(self) -> None:
+        self._cancel_flag.set()
+        self._status.value = "Cancelling..."
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Block (processing Qt events) until the current run ends: for tests and scripts."""
+        from qtpy.QtWidgets import QApplication
+
+        deadline = time.monotonic() + timeout
+        while self._worker is not None and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        if self._worker is not None:
+            raise TimeoutError("propagation still running")
+
+    def _set_running(self, running: bool) -> None:
+        self._propagate.enabled = not running
+        self._cancel.enabled = running
+        self._progress.visible = running
+        self._progress.value = 0
+        if not running:
+            if self._activity is not None:
+                self._activity.close()
+                self._activity = None
+            self._worker = None
+            self._undo.enabled = bool(self._undo_stack)
+
+    def _on_progress(self, run: int, done: int, total: int, stage: str) -> None:
+        if run != self._runs or self._worker is None:
+            return  # queued from a run that has ended
+        self._progress.value = int(100 * done / max(total, 1))
+        self._status.value = f"{stage}..."
+        # Last: napari's progress bar may process events, delivering the run's end in here.
+        activity = self._activity
+        if activity is not None:
+            activity.set_description(f"One-shot segment: {stage}")
+            activity.update(self._progress.value - activity.n)
+
+    def _on_error(self, exc: Exception) -> None:
+        from .engine import Cancelled
+
+        if isinstance(exc, Cancelled):
+            self._status.value = "Cancelled; nothing was changed."
+            return
+        if isinstance(exc, DenseMPError):
+            self._notify_error(str(exc))
+            return
+        log.exception("propagation failed", exc_info=exc)
+        self._notify_error(f"Propagation failed: {type(exc).__name__}: {exc}")
+
+    def _notify_error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self._status.value = message
+        show_error(message)
+
+    # ------------------------------------------------------------------ results
+    def _on_result(self, request: _Request, result, seconds: float) -> None:
+        label = int(request.label or np.max(request.painted[request.painted != 0], initial=1))
+        layer, created = self._result_layer(request, label, result.mask.shape)
+        previous = None if created else np.array(layer.data, copy=True)
+        if created:
+            data = result.mask.astype(np.uint8 if label <= 255 else np.int32) * label
+        else:
+            data = np.array(layer.data, copy=True)
+            data[data == label] = 0
+            data[result.mask & (data == 0)] = label  # other structures in the layer are kept
+        summary = {"label": label, "axis": request.axis, "slice_range": result.slice_range,
+                   "painted_slices": result.painted_slices, "confidence": result.confidence.tolist()}
+        if created:
+            self.viewer.add_layer(layer)
+        layer.data = data
+        layer.metadata = {**layer.metadata, RESULT_KEY: summary}
+        self._written[id(layer)] = _digest(data)
+        self._undo_stack = [*self._undo_stack[-(UNDO_DEPTH - 1):], _Undo(layer, previous)]
+        self._undo.enabled = True
+
+        rng = result.slice_range
+        kept = result.confidence[result.confidence > 0]
+        features = "features reused" if result.reused_features else f"features {result.seconds_features:.1f} s"
+        extent = f"slices {rng[0]}-{rng[1]}" if rng else "no slice"
+        self._status.value = (f"'{layer.name}': {extent} along axis {request.axis}\n"
+                              f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
+                              f"{seconds:.1f} s ({features})")
+        self._last = (layer, summary)
+        self._show_slice_info()
+
+    def _result_layer(self, request: _Request, label: int, shape: tuple[int, ...]):
+        """The layer to write into and whether it is new: the chosen one, our earlier result for
+        this image and label if nobody edited it since, or a new one."""
+        from napari.layers import Labels
+
+        if self._target.value != NEW_LAYER:
+            layer = next((lyr for lyr in self.viewer.layers if lyr.name == self._target.value), None)
+            if layer is not None and layer is not self._painted.value and tuple(layer.data.shape) == shape:
+                return layer, False
+        image = request.image_layer
+        key = (image.name, label)
+        own = self._own_results.get(key)
+        if own is not None and own in self.viewer.layers and _digest(own.data) == self._written.get(id(own)):
+            return own, False
+        metadata = {k: v for k, v in image.metadata.items() if k == METADATA_KEY}
+        layer = Labels(np.zeros(shape, dtype=np.uint8), name=f"{image.name} {label} propagated",
+                       scale=image.scale, translate=image.translate, metadata=metadata, opacity=0.5)
+        self._own_results[key] = layer
+        return layer, True
+
+    def undo(self) -> None:
+        """Undo the last propagation as a whole (restores the layer, or removes the one it made)."""
+        if not self._undo_stack:
+            return
+        entry = self._undo_stack.pop()
+        if entry.previous is None:
+            if entry.layer in self.viewer.layers:
+                self.viewer.layers.remove(entry.layer)
+        else:
+            entry.layer.data = entry.previous
+            self._written[id(entry.layer)] = _digest(entry.previous)
+        self._undo.enabled = bool(self._undo_stack)
+        self._status.value = f"Undid the propagation into '{entry.layer.name}'."
+        self._slice_info.value = ""
+
+    def _show_slice_info(self, _event=None) -> None:
+        last = getattr(self, "_last", None)
+        if last is None or last[0] not in self.viewer.layers:
+            return
+        layer, summary = last
+        axis = summary["axis"] + (self.viewer.dims.ndim - layer.ndim)
+        if axis >= len(self.viewer.dims.current_step):
+            return
+        z = int(self.viewer.dims.current_step[axis])
+        confidence = summary["confidence"]
+        if not 0 <= z < len(confidence):
+            return
+        state = "painted" if z in summary["painted_slices"] else (
+            f"confidence {confidence[z]:.2f}" if confidence[z] > 0 else "not segmented")
+        self._slice_info.value = f"slice {z}: {state}"

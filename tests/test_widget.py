@@ -1,0 +1,162 @@
+"""The "One-shot segment" widget in a real napari viewer (pytest-qt; a virtual X display in CI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_densemp.io import Geometry
+from napari_densemp.napari_io import phantom_ct_sample
+from src_data.phantoms import LIVER, make_phantom
+
+from .conftest import dice
+
+pytestmark = pytest.mark.qt
+
+
+@pytest.fixture
+def viewer_with_sample(make_napari_viewer):
+    from napari_densemp.widget import OneShotWidget
+
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in phantom_ct_sample():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = OneShotWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="One-shot segment")
+    return viewer, widget
+
+
+def _truth_on_display_grid(viewer) -> np.ndarray:
+    phantom = make_phantom(seed=7, modality="ct")  # the sample's phantom
+    geometry = Geometry.from_metadata(viewer.layers["phantom CT"].metadata)
+    return geometry.display(phantom.label == LIVER)
+
+
+def _run(widget) -> None:
+    widget.run()
+    widget.wait()
+
+
+def test_widget_propagates_the_painted_liver(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    painted_before = viewer.layers["liver painted"].data.copy()
+    assert widget._image.value.name == "phantom CT" and widget._painted.value.name == "liver painted"
+    _run(widget)
+    result = viewer.layers["phantom CT 6 propagated"]
+    truth = _truth_on_display_grid(viewer)
+    assert dice(result.data == LIVER, truth) > 0.75
+    assert result.data.shape == truth.shape
+    assert tuple(result.scale) == tuple(viewer.layers["phantom CT"].scale)
+    assert Geometry.from_metadata(result.metadata) is not None  # saves on the scan's grid
+    assert np.array_equal(viewer.layers["liver painted"].data, painted_before)  # painting untouched
+    info = result.metadata["densemp_result"]
+    first, last = info["slice_range"]
+    true_slices = np.flatnonzero(truth.any(axis=(1, 2)))
+    assert abs(first - true_slices[0]) <= 3 and abs(last - true_slices[-1]) <= 3
+    assert "mean confidence" in widget._status.value
+    viewer.dims.set_current_step(0, (first + last) // 2)
+    assert widget._slice_info.value.startswith(f"slice {(first + last) // 2}: confidence 0.")
+
+
+def test_rerun_after_a_correction_reuses_features_and_undo_restores(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    _run(widget)
+    result = viewer.layers["phantom CT 6 propagated"]
+    first_result = result.data.copy()
+    # a correction: paint the true liver on a second slice, near the end of the organ
+    truth = _truth_on_display_grid(viewer)
+    z = int(np.flatnonzero(truth.any(axis=(1, 2)))[2])
+    painted = viewer.layers["liver painted"]
+    painted.data[z] = truth[z] * LIVER
+    painted.refresh()
+    [model] = widget._models.values()
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran again")
+
+    model.network.embed = no_backbone
+    _run(widget)
+    assert "features reused" in widget._status.value
+    assert viewer.layers["phantom CT 6 propagated"] is result  # our own unedited result, updated
+    assert result.data[z].astype(bool).sum() == truth[z].sum()  # the painted slice is kept as painted
+    assert len([layer for layer in viewer.layers if "propagated" in layer.name]) == 1
+    widget.undo()
+    assert np.array_equal(result.data, first_result)
+    widget.undo()
+    assert "phantom CT 6 propagated" not in viewer.layers
+
+
+def test_an_edited_result_is_never_overwritten(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    _run(widget)
+    result = viewer.layers["phantom CT 6 propagated"]
+    result.data[0, :3, :3] = 9  # the user's own edit
+    edited = result.data.copy()
+    _run(widget)
+    assert np.array_equal(result.data, edited)
+    assert len([layer for layer in viewer.layers if "propagated" in layer.name]) == 2
+
+
+def test_result_into_a_chosen_layer_keeps_its_other_labels(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    organs = viewer.add_labels(np.zeros(viewer.layers["phantom CT"].data.shape, np.uint8), name="organs",
+                               scale=viewer.layers["phantom CT"].scale)
+    organs.data[:, :4, :4] = 2  # another structure already segmented
+    widget.reset_choices()
+    widget._target.value = "organs"
+    _run(widget)
+    assert (organs.data[:, :4, :4] == 2).all()
+    assert dice(organs.data == LIVER, _truth_on_display_grid(viewer)) > 0.75
+    widget.undo()
+    assert set(np.unique(organs.data)) == {0, 2}
+
+
+def test_cancel_stops_a_run_and_changes_nothing(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    names = [layer.name for layer in viewer.layers]
+    widget.run()
+    widget.cancel()
+    widget.wait()
+    assert widget._status.value == "Cancelled; nothing was changed."
+    assert [layer.name for layer in viewer.layers] == names
+    assert widget._propagate.enabled and not widget._cancel.enabled
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "no painted voxel"),
+    ("two labels", "Several label values"),
+    ("2D", "is 2D"),
+    ("shape", "has shape"),
+    ("checkpoint", "not found"),
+])
+def test_bad_input_is_a_notification_and_changes_nothing(viewer_with_sample, tmp_path, case, message):
+    viewer, widget = viewer_with_sample
+    painted = viewer.layers["liver painted"]
+    if case == "empty":
+        painted.data = np.zeros_like(painted.data)
+    elif case == "two labels":
+        data = painted.data.copy()
+        z = int(np.flatnonzero(data.any(axis=(1, 2)))[0])
+        data[z, :5, :5] = 3
+        painted.data = data
+    elif case == "2D":
+        flat = viewer.add_image(np.zeros((40, 40), np.float32), name="flat")
+        widget.reset_choices()
+        widget._image.value = flat
+    elif case == "shape":
+        other = viewer.add_labels(np.zeros((5, 40, 40), np.uint8), name="other")
+        other.data[2, 10:20, 10:20] = 1
+        widget.reset_choices()
+        widget._painted.value = other
+    elif case == "checkpoint":
+        widget._model.value = "checkpoint file"
+        widget._checkpoint.value = tmp_path / "missing.pt"
+    before = {layer.name: np.array(layer.data, copy=True) for layer in viewer.layers}
+    _run(widget)
+    assert message in widget._status.value
+    assert {layer.name for layer in viewer.layers} == set(before)
+    for layer in viewer.layers:
+        assert np.array_equal(layer.data, before[layer.name])
