@@ -1,10 +1,14 @@
-"""``densemp-segment``: propagate a structure painted on one slice through a NIfTI scan.
+"""``densemp-segment``: propagate a structure painted on one slice through a scan, or find and
+segment it in every scan of a folder.
 
     densemp-segment scan.nii.gz painted.nii.gz -o structure.nii.gz
+    densemp-segment --support-image A.nii.gz --support-mask A_painted.nii.gz --scans DIR --out OUTDIR
     densemp-segment --demo            # a phantom CT, its liver painted on one slice
 
-The output has exactly the scan's shape, affine and orientation. Errors are one line on
-stderr and exit code 2; nothing that exists is replaced without --overwrite.
+Outputs have exactly their scan's shape, affine and orientation and are written atomically;
+nothing that exists is replaced without --overwrite (a folder run skips finished scans, so a
+re-run resumes). Errors are one line on stderr and exit code 2; in a folder run a bad scan is
+reported in OUTDIR/summary.csv and the others go on (exit code 3 if any failed).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DenseMPError
-from .io import read_nifti, write_nifti
+from .io import as_3d, read_nifti, write_nifti
 
 log = logging.getLogger("densemp-segment")
 
@@ -38,15 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="segment only between the first and last painted slice")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
+    folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
+    folder.add_argument("--support-image", type=Path, help="the scan that was painted (NIfTI or DICOM folder)")
+    folder.add_argument("--support-mask", type=Path, help="its mask: one painted slice or a whole 3D mask")
+    folder.add_argument("--scans", type=Path, help="folder of scans to segment (NIfTI files, DICOM folders)")
+    folder.add_argument("--pattern", default="*", help="which entries of --scans (glob, e.g. 'image_*.nii.gz')")
+    folder.add_argument("--shard", help="K/N: only scans whose index modulo N is K (K from 0), for array jobs")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
-
-
-def _as_3d(data: np.ndarray, path: Path, what: str) -> np.ndarray:
-    squeezed = data.reshape(data.shape[:3]) if data.ndim > 3 and all(n == 1 for n in data.shape[3:]) else data
-    if squeezed.ndim != 3:
-        raise DenseMPError(f"The {what} {path} is {data.ndim}D with shape {data.shape}; a 3D volume is needed.")
-    return squeezed
 
 
 def _progress_bar():
@@ -83,8 +86,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
         raise DenseMPError(f"{out_path} exists; choose another output or pass --overwrite.")
     scan = read_nifti(image_path)
     mask = read_nifti(painted_path)
-    volume = _as_3d(scan.data, image_path, "image")
-    painted = _as_3d(mask.data, painted_path, "painted mask")
+    volume = as_3d(scan.data, image_path, "image")
+    painted = as_3d(mask.data, painted_path, "painted mask")
     if painted.shape != volume.shape:
         raise DenseMPError(f"The painted mask's shape {painted.shape} differs from the image's {volume.shape}.")
     if not np.allclose(mask.affine, scan.affine, atol=1e-3, rtol=1e-4):
@@ -102,6 +105,46 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     return {"out": out_path, "slice_range": result.slice_range, "painted": result.painted_slices,
             "voxels": int(result.mask.sum()), "seconds": result.seconds_features + result.seconds_head,
             "confidence": result.confidence}
+
+
+def run_folder(args: argparse.Namespace) -> int:
+    """``--scans``: the support's structure in every scan of a folder, with a summary table."""
+    from tqdm import tqdm
+
+    from .batch import Support, list_scans, segment_folder, shard, write_summary
+    from .engine import load_model
+
+    if args.out is None:
+        raise DenseMPError("give --out OUTDIR for the results of a folder run.")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DenseMPError(f"--out {out_dir} is a file; a folder run writes into a folder.")
+    if args.scans.resolve() == out_dir.resolve():
+        raise DenseMPError("--out must differ from --scans: results are named like their scans.")
+    support = Support.from_files(args.support_image, args.support_mask, args.label)
+    scans = shard(list_scans(args.scans, args.pattern), args.shard)
+    if not scans:
+        raise DenseMPError(f"No NIfTI file or DICOM folder matching {args.pattern!r} in {args.scans}.")
+    model = load_model(args.model, args.device)
+    bar = tqdm(total=len(scans), unit="scan", desc="segmenting")
+
+    def done(row) -> None:
+        bar.set_postfix_str(f"{row.scan}: {row.status}", refresh=False)
+        bar.update()
+        if row.status == "failed":
+            tqdm.write(f"{row.scan}: failed: {row.message}", file=sys.stderr)
+
+    try:
+        rows = segment_folder(support, scans, out_dir, model, args.axis, overwrite=args.overwrite, on_scan=done)
+    finally:
+        bar.close()
+    name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"
+    summary = write_summary(rows, out_dir / name)
+    counts = {status: sum(r.status == status for r in rows) for status in ("done", "skipped (exists)", "failed")}
+    seconds = sum(r.seconds for r in rows)
+    print(f"{counts['done']} segmented, {counts['skipped (exists)']} already done, {counts['failed']} failed "
+          f"in {seconds:.1f} s; table: {summary}")
+    return 3 if counts["failed"] else 0
 
 
 def run_demo(out_dir: Path, args: argparse.Namespace) -> int:
@@ -139,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.demo:
             return run_demo(args.out or Path("densemp-demo"), args)
+        if args.scans or args.support_image or args.support_mask:
+            if not (args.scans and args.support_image and args.support_mask):
+                parser.error("a folder run needs --support-image, --support-mask and --scans")
+            return run_folder(args)
         if args.image is None or args.painted is None or args.out is None:
             parser.error("give IMAGE PAINTED -o OUT (or --demo)")
         start = time.perf_counter()

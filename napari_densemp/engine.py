@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -162,6 +162,12 @@ class PropagationOptions:
     min_area_mm2: float = 10.0  # a smaller region ends the structure
     min_confidence: float = 0.8  # a region whose mean foreground probability is lower ends it
     between_painted_only: bool = False  # segment only between the first and last painted slice
+    # segment_like (another patient): where the structure is looked for, and how a 3D support is used
+    position_prior: float = 0.2  # sd of a Gaussian prior on the support's relative position; 0: off
+    inplane_prior: float = 0.15  # the same in-plane, relative to the body's box; 0: off
+    cross_min_confidence: float = 0.75  # min_confidence for another patient (its matches are less sure)
+    seed_candidates: int = 5  # query slices tried as seeds; the walk with most confident mass wins
+    support_chunks: int = 3  # supports taken from a 3D support mask (the paper uses 3)
     calibrate_threshold: bool = True  # output threshold: the one that best redraws the painting on its slice
 
 
@@ -174,6 +180,7 @@ class PropagationResult:
     seconds_features: float
     seconds_head: float
     reused_features: bool
+    found_at: list[int] = field(default_factory=list)  # segment_like: query slices the supports were matched to
 
 
 def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray, int]:
@@ -205,29 +212,39 @@ def _check_painting_axis(binary: np.ndarray, axis: int) -> None:
                            f"Set the slicing axis to {flat[0]}.")
 
 
+Prototypes = tuple[torch.Tensor, torch.Tensor]  # unit-length (fg (Nf, C), bg (Nb, C))
+
+
+def slice_prototypes(model: Model, feats: VolumeFeatures, masks: dict[int, torch.Tensor]) -> dict[int, Prototypes]:
+    """Prototypes of the given slices of a volume from their masks on the model grid."""
+    config = model.network.config
+    out = {}
+    for z, mask in masks.items():
+        fg, bg = support_prototypes(feats.features[z].float(), resize_mask(mask, feats.features.shape[-2:]),
+                                    config.inference_window, config)
+        out[z] = (unit_length(fg, 1), unit_length(bg, 1))
+    return out
+
+
 class SliceScorer:
     """Foreground probability of a slice on the model grid, computed on first request.
 
     The walk visits only the slices near the structure, so most of a volume never pays
-    for the head; slices are scored a few at a time ahead of the walk. Each slice is scored
-    against the prototypes of the nearest painted slice on each side (both when it lies
-    between two).
+    for the head; slices are scored a few at a time ahead of the walk. ``prototypes`` are
+    anchored at slices of this volume (the painted slices, or where a support was matched);
+    each slice is scored against the nearest anchor on each side (both when it lies between
+    two).
     """
 
     ahead = 8
 
-    def __init__(self, model: Model, feats: VolumeFeatures, painted_grid: dict[int, torch.Tensor],
+    def __init__(self, model: Model, feats: VolumeFeatures, prototypes: dict[int, Prototypes],
                  cancel: Callable[[], bool] | None = None) -> None:
         self.config = model.network.config
         self.feats = feats
         self.cancel = cancel
-        self.painted = sorted(painted_grid)
-        features = feats.features
-        self.prototypes = {}
-        for p, mask in painted_grid.items():
-            fg, bg = support_prototypes(features[p].float(), resize_mask(mask, features.shape[-2:]),
-                                        self.config.inference_window, self.config)
-            self.prototypes[p] = (unit_length(fg, 1), unit_length(bg, 1))
+        self.painted = sorted(prototypes)
+        self.prototypes = prototypes
         self._cache: dict[int, np.ndarray] = {}
 
     def supports(self, z: int) -> tuple[int, ...]:
@@ -343,6 +360,73 @@ def _calibrated_threshold(prob: Callable[[int], np.ndarray], painted: dict[int, 
     return float(candidates[int(np.argmax(scores))])
 
 
+def _check_inputs(volume: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], axis: int,
+                  volume_name: str = "image", mask_name: str = "painted mask") -> tuple[np.ndarray, np.ndarray, int]:
+    volume = check_volume(volume, volume_name)
+    mask = np.asarray(mask)
+    if mask.shape != volume.shape:
+        raise DenseMPError(f"The {mask_name}'s shape {mask.shape} differs from the {volume_name}'s {volume.shape}.")
+    return volume, mask, _check_axis_spacing(axis, spacing)
+
+
+def _check_axis_spacing(axis: int, spacing: tuple[float, float, float]) -> int:
+    if axis not in (0, 1, 2, -1, -2, -3):
+        raise DenseMPError(f"axis must be 0, 1 or 2; got {axis}.")
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DenseMPError(f"spacing must be three positive numbers (mm); got {spacing}.")
+    return axis % 3
+
+
+def _volume_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str,
+                     cache: FeatureCache | None, progress: ProgressCallback | None,
+                     cancel: Callable[[], bool] | None) -> tuple[VolumeFeatures, bool]:
+    """Backbone features of (S, H, W) slices, from the cache when it has them."""
+    key = FeatureCache.key(model, slices, spacing_hw, modality) if cache is not None else None
+    feats = cache.get(key) if cache is not None else None
+    if feats is not None:
+        return feats, True
+    feats = compute_features(model, slices, spacing_hw, modality, progress=progress, cancel=cancel)
+    if cache is not None:
+        cache.put(key, feats)
+    return feats, False
+
+
+def _grid_masks(mask: np.ndarray, slices: list[int], feats: VolumeFeatures) -> dict[int, torch.Tensor]:
+    """Soft masks of the given slices on the model grid."""
+    grid = resize_slices(torch.from_numpy(mask[slices].astype(np.float32)), feats.grid_size)
+    return dict(zip(slices, grid))
+
+
+def _seed(soft: torch.Tensor) -> np.ndarray:
+    """A binary seed on the model grid; a stroke thinner than a grid pixel still seeds the walk."""
+    soft = soft.numpy()
+    return soft > 0.5 if (soft > 0.5).any() else soft >= soft.max()
+
+
+def _pixel_mm(spacing_hw: tuple[float, float], feats: VolumeFeatures) -> tuple[float, float]:
+    return tuple(s * n / g for s, n, g in zip(spacing_hw, feats.native_size, feats.grid_size))
+
+
+def _render(scorer: SliceScorer, region: dict[int, np.ndarray], feats: VolumeFeatures, threshold: float,
+            n_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kept regions drawn on the native grid, and the per-slice confidence."""
+    confidence = np.zeros(n_slices, dtype=np.float32)
+    out = np.zeros((n_slices, *feats.native_size), dtype=bool)
+    for z, kept in region.items():
+        if not kept.any():
+            continue
+        prob = scorer(z)
+        confidence[z] = float(prob[kept].mean())
+        native = resize_slices(torch.from_numpy(prob * kept)[None], feats.native_size)[0]
+        out[z] = (native > threshold).numpy()
+    return out, confidence
+
+
+def _slice_range(out: np.ndarray) -> tuple[int, int] | None:
+    nonempty = np.flatnonzero(out.reshape(len(out), -1).any(axis=1))
+    return (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else None
+
+
 def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
               spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
               label: int | None = None, options: PropagationOptions | None = None,
@@ -365,15 +449,7 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         A :class:`PropagationResult` whose mask has exactly ``volume``'s shape.
     """
     options = options or PropagationOptions()
-    volume = check_volume(volume, "image")
-    painted = np.asarray(painted)
-    if painted.shape != volume.shape:
-        raise DenseMPError(f"The painted mask's shape {painted.shape} differs from the image's {volume.shape}.")
-    if axis not in (0, 1, 2, -1, -2, -3):
-        raise DenseMPError(f"axis must be 0, 1 or 2; got {axis}.")
-    axis = axis % 3
-    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise DenseMPError(f"spacing must be three positive numbers (mm); got {spacing}.")
+    volume, painted, axis = _check_inputs(volume, painted, spacing, axis)
     binary, label = _painted_binary(painted, label)
     _check_painting_axis(binary, axis)
     slices = np.moveaxis(volume, axis, 0)
@@ -381,45 +457,168 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     spacing_hw = tuple(float(s) for i, s in enumerate(spacing) if i != axis)
     painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
 
-    key = FeatureCache.key(model, slices, spacing_hw, modality) if cache is not None else None
-    feats = cache.get(key) if cache is not None else None
-    reused = feats is not None
-    if feats is None:
-        feats = compute_features(model, slices, spacing_hw, modality, progress=progress, cancel=cancel)
-        if cache is not None:
-            cache.put(key, feats)
+    feats, reused = _volume_features(model, slices, spacing_hw, modality, cache, progress, cancel)
     start = time.perf_counter()
-    painted_grid = resize_slices(torch.from_numpy(paint[painted_slices].astype(np.float32)), feats.grid_size)
-    painted_by_slice = dict(zip(painted_slices, painted_grid))
-    scorer = SliceScorer(model, feats, painted_by_slice, cancel)
+    painted_by_slice = _grid_masks(paint, painted_slices, feats)
+    scorer = SliceScorer(model, feats, slice_prototypes(model, feats, painted_by_slice), cancel)
     if progress is not None:
         progress(0, 1, "propagating")
     n_slices = paint.shape[0]
-    pixel_mm = tuple(s * n / g for s, n, g in zip(spacing_hw, feats.native_size, feats.grid_size))
+    pixel_mm = _pixel_mm(spacing_hw, feats)
     limits = (painted_slices[0], painted_slices[-1]) if options.between_painted_only else (0, n_slices - 1)
-    seeds = {}
-    for p, soft in painted_by_slice.items():
-        soft = soft.numpy()
-        # a stroke thinner than a grid pixel still seeds the walk
-        seeds[p] = soft > 0.5 if (soft > 0.5).any() else soft >= soft.max()
+    seeds = {p: _seed(soft) for p, soft in painted_by_slice.items()}
     region = _walk(scorer, n_slices, seeds, limits, options, pixel_mm)
     threshold = _calibrated_threshold(scorer, seeds, options, pixel_mm) if options.calibrate_threshold \
         else options.threshold
-    confidence = np.zeros(n_slices, dtype=np.float32)
-    out = np.zeros(paint.shape, dtype=bool)
-    for z, kept in region.items():
-        if not kept.any():
-            continue
-        prob = scorer(z)
-        confidence[z] = float(prob[kept].mean())
-        native = resize_slices(torch.from_numpy(prob * kept)[None], feats.native_size)[0]
-        out[z] = (native > threshold).numpy()
+    out, confidence = _render(scorer, region, feats, threshold, n_slices)
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
     if progress is not None:
         progress(1, 1, "propagating")
-    nonempty = np.flatnonzero(out.reshape(n_slices, -1).any(axis=1))
-    slice_range = (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else None
     return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence,
-                             slice_range=slice_range, painted_slices=painted_slices,
+                             slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=0.0 if reused else feats.seconds,
                              seconds_head=time.perf_counter() - start, reused_features=reused)
+
+
+# --------------------------------------------------------------------------- another scan
+def _best_component(prob: np.ndarray, threshold: float, target_mm2: float, pixel_area: float,
+                    target_centre: np.ndarray | None = None, frame: tuple[np.ndarray, np.ndarray] | None = None,
+                    spread: float = 0.0) -> tuple[float, np.ndarray | None]:
+    """The predicted component most like the support: mean probability x area agreement
+    (x closeness to the support's position within the body's box, when ``spread`` > 0)."""
+    components, count = ndimage.label(prob > threshold)
+    if count == 0:
+        return 0.0, None
+    index = np.arange(1, count + 1)
+    areas = ndimage.sum_labels(np.ones_like(prob), components, index) * pixel_area
+    means = ndimage.mean(prob, components, index)
+    scores = means * np.minimum(areas, target_mm2) / np.maximum(areas, target_mm2)
+    if spread > 0 and target_centre is not None and frame is not None:
+        centres = np.array(ndimage.center_of_mass(np.ones_like(prob), components, index)).reshape(-1, 2)
+        relative = (centres - frame[0]) / frame[1]
+        scores = scores * np.exp(-0.5 * (np.linalg.norm(relative - target_centre, axis=1) / spread) ** 2)
+    best = int(np.argmax(scores))
+    return float(scores[best]), components == best + 1
+
+
+def _body_frame(feats: VolumeFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """(origin, size) of the box around the body on the model grid, over the whole volume.
+
+    Positions relative to it compare patients of different size and field of view; the body is
+    what stands out from the darkest background in the network's own input features' norm.
+    """
+    energy = feats.features.float().norm(dim=1).mean(dim=0).numpy()  # (h, w)
+    low, high = np.percentile(energy, [5, 95])
+    inside = energy > low + 0.25 * (high - low)
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0:
+        rows, cols = np.arange(energy.shape[0]), np.arange(energy.shape[1])
+    scale = np.array(feats.grid_size) / np.array(energy.shape)
+    origin = np.array([rows[0], cols[0]]) * scale
+    size = np.array([rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1]) * scale
+    return origin, size
+
+
+def chunk_centres(slices: list[int], chunks: int) -> list[int]:
+    """The slices at 1/6, 1/2 and 5/6 of a sorted list (for 3 chunks): the paper's supports,
+    the centres of equal parts of the structure."""
+    return sorted({slices[int(len(slices) * (2 * c + 1) / (2 * chunks))] for c in range(chunks)})
+
+
+def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_volume: np.ndarray, model: Model,
+                 support_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 query_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
+                 label: int | None = None, options: PropagationOptions | None = None,
+                 modality: Modality | Literal["auto"] = "auto", cache: FeatureCache | None = None,
+                 progress: ProgressCallback | None = None,
+                 cancel: Callable[[], bool] | None = None) -> PropagationResult:
+    """Segment in ``query_volume`` the structure masked in ``support_volume`` (another patient).
+
+    Nothing tells where the structure lies in the query: every query slice is scored against
+    the support's prototypes, the slice whose best region is most confident and most like
+    the support in area (weighted by a prior on the support's relative position along the
+    axis, ``options.position_prior``) seeds the same walk as :func:`propagate`. A support mask
+    on several slices (a finished 3D mask) then supplies ``options.support_chunks`` supports,
+    the centres of equal parts of the structure, each anchored at the matching part of the
+    query's found extent (the paper's pairing).
+
+    Returns a :class:`PropagationResult` on the query's grid; ``found_at`` holds the query
+    slices where supports were anchored (empty when the structure was not found).
+    """
+    options = options or PropagationOptions()
+    walk_options = replace(options, min_confidence=options.cross_min_confidence)
+    support_volume, support_mask, axis = _check_inputs(support_volume, support_mask, support_spacing, axis,
+                                                       "support image", "support mask")
+    query_volume = check_volume(query_volume, "query image")
+    _check_axis_spacing(axis, query_spacing)
+    binary, label = _painted_binary(support_mask, label)
+    support = np.moveaxis(binary, axis, 0)
+    support_slices = np.moveaxis(support_volume, axis, 0)
+    query = np.moveaxis(query_volume, axis, 0)
+    support_hw = tuple(float(s) for i, s in enumerate(support_spacing) if i != axis)
+    query_hw = tuple(float(s) for i, s in enumerate(query_spacing) if i != axis)
+    painted = [int(z) for z in np.flatnonzero(support.reshape(len(support), -1).any(axis=1))]
+    areas = support.reshape(len(support), -1).sum(axis=1)
+    reference = int(np.argmax(areas))
+
+    s_feats, _ = _volume_features(model, support_slices, support_hw, modality, cache, progress, cancel)
+    q_feats, reused = _volume_features(model, query, query_hw, modality, cache, progress, cancel)
+    start = time.perf_counter()
+    if progress is not None:
+        progress(0, 1, "finding the structure")
+    s_masks = _grid_masks(support, painted, s_feats)
+    s_pixel, q_pixel = _pixel_mm(support_hw, s_feats), _pixel_mm(query_hw, q_feats)
+    reference_protos = slice_prototypes(model, s_feats, {reference: s_masks[reference]})[reference]
+
+    # Width: the threshold that best redraws the support from its own prototypes.
+    own = SliceScorer(model, s_feats, {reference: reference_protos}, cancel)
+    threshold = _calibrated_threshold(own, {reference: _seed(s_masks[reference])}, options, s_pixel) \
+        if options.calibrate_threshold else options.threshold
+    # Pass 1: where is it? Score every query slice against the reference support slice.
+    n = query.shape[0]
+    scorer = SliceScorer(model, q_feats, {0: reference_protos}, cancel)
+    target_mm2 = float(areas[reference]) * support_hw[0] * support_hw[1]
+    q_area = q_pixel[0] * q_pixel[1]
+    scores, regions = np.zeros(n), {}
+    s_frame, q_frame = _body_frame(s_feats), _body_frame(q_feats)
+    s_centre = (np.array(ndimage.center_of_mass(_seed(s_masks[reference]))) - s_frame[0]) / s_frame[1]
+    for z in range(n):
+        scores[z], regions[z] = _best_component(scorer(z), options.threshold, target_mm2, q_area, s_centre,
+                                                q_frame, options.inplane_prior)
+    if options.position_prior > 0:
+        relative = (reference + 0.5) / len(support)
+        positions = (np.arange(n) + 0.5) / n
+        scores = scores * np.exp(-0.5 * ((positions - relative) / options.position_prior) ** 2)
+    out = np.zeros((n, *q_feats.native_size), dtype=bool)
+    confidence = np.zeros(n, dtype=np.float32)
+    found_at: list[int] = []
+    if scores.max() > 0:
+        # The most consistent slab: walk from the best few candidate slices and keep the walk
+        # with the most confident mass (a spurious look-alike ends within a slice or two).
+        best_mass, region = -1.0, {}
+        for candidate in np.argsort(scores)[::-1][:options.seed_candidates]:
+            if scores[candidate] <= 0:
+                break
+            walked = _walk(scorer, n, {int(candidate): regions[candidate]}, (0, n - 1), walk_options, q_pixel)
+            mass = sum(float(scorer(z)[kept].mean()) for z, kept in walked.items() if kept.any())
+            if mass > best_mass:
+                best_mass, region, found_at = mass, walked, [int(candidate)]
+        # Pass 2 (a 3D support): the paper's pairing of support chunks with query chunks.
+        extent = sorted(z for z, kept in region.items() if kept.any())
+        chunks = min(options.support_chunks, len(painted))
+        if chunks > 1 and len(extent) >= chunks:
+            support_centres = chunk_centres(painted, chunks)
+            query_centres = chunk_centres(list(range(extent[0], extent[-1] + 1)), chunks)
+            if len(support_centres) == len(query_centres):
+                protos = slice_prototypes(model, s_feats, {s: s_masks[s] for s in support_centres})
+                anchored = {q: protos[s] for q, s in zip(query_centres, support_centres)}
+                scorer = SliceScorer(model, q_feats, anchored, cancel)
+                seeds = {q: region[q] for q in query_centres}
+                region = _walk(scorer, n, seeds, (0, n - 1), walk_options, q_pixel)
+                found_at = query_centres
+        out, confidence = _render(scorer, region, q_feats, threshold, n)
+    if progress is not None:
+        progress(1, 1, "finding the structure")
+    return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence, slice_range=_slice_range(out),
+                             painted_slices=[], seconds_features=0.0 if reused else q_feats.seconds,
+                             seconds_head=time.perf_counter() - start, reused_features=reused, found_at=found_at)

@@ -47,6 +47,14 @@ def read_nifti(path: str | os.PathLike) -> Scan:
     return Scan(data=np.asarray(data), affine=image.affine.copy(), header=image.header.copy(), path=path)
 
 
+def as_3d(data: np.ndarray, path: str | os.PathLike, what: str) -> np.ndarray:
+    """A 3D array (trailing singleton axes dropped) or an error naming the file."""
+    squeezed = data.reshape(data.shape[:3]) if data.ndim > 3 and all(n == 1 for n in data.shape[3:]) else data
+    if squeezed.ndim != 3:
+        raise DenseMPError(f"The {what} {path} is {data.ndim}D with shape {data.shape}; a 3D volume is needed.")
+    return squeezed
+
+
 def read_scan(path: str | os.PathLike) -> Scan:
     """A NIfTI file or a DICOM series folder."""
     path = Path(path)

@@ -178,7 +178,7 @@ def _synthetic_scorer(organ_slices: range):
     """A scorer over hand-made features: organ cells carry e1, the rest e2 (+ a little e3)."""
     import torch
 
-    from napari_densemp.engine import Model, SliceScorer, VolumeFeatures
+    from napari_densemp.engine import Model, SliceScorer, VolumeFeatures, slice_prototypes
     from napari_densemp.network import FewShotSegmenter, NetworkConfig
     from napari_densemp.preprocessing import PreprocessingProfile
 
@@ -193,7 +193,7 @@ def _synthetic_scorer(organ_slices: range):
     network = FewShotSegmenter(NetworkConfig(depth=18, last_layer=3, feature_dim=4))
     model = Model(network, PreprocessingProfile(), torch.device("cpu"), "synthetic")
     painted = torch.from_numpy(_disc((64, 64), (33, 33), 16).astype(np.float32))
-    return SliceScorer(model, feats, {5: painted}), painted.numpy() > 0.5
+    return SliceScorer(model, feats, slice_prototypes(model, feats, {5: painted})), painted.numpy() > 0.5
 
 
 def test_scorer_and_walk_on_synthetic_features():

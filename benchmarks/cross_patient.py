@@ -1,0 +1,94 @@
+"""Cross-patient ("paint once, segment many") accuracy: the support is the next patient in id
+order, the query is scored on its whole volume (no oracle), beside the paper's protocol for the
+same model (3 supports, query scored on its true z-range only).
+
+    python benchmarks/cross_patient.py --data ../shared/data/chaos_t2 --organs 1 2 3 4 --split held-out
+    python benchmarks/cross_patient.py --phantoms 4
+
+Columns: "1 slice" = support painted on its slice of largest organ area (what a user paints);
+"3D" = the support's whole label (segment_like pairs its 3 chunks); "paper" = the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import numpy as np
+from accuracy import dice, paint_largest_slice, select_scans
+
+from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, segment_like
+from src_data.datasets import find_scans, load_scan
+from src_data.phantoms import ORGAN_NAMES
+from training.protocol import paper_protocol_mask
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data")
+    parser.add_argument("--phantoms", type=int, default=0)
+    parser.add_argument("--organs", type=int, nargs="*")
+    parser.add_argument("--split", default="held-out", choices=["held-out", "seen", "all"])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--skip-3d", action="store_true", help="only the 1-slice support and the paper protocol")
+    for f in dataclasses.fields(PropagationOptions):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.type != "bool" else int)
+    args = parser.parse_args(argv)
+    overrides = {f.name: (bool(v) if f.type == "bool" else v) for f in dataclasses.fields(PropagationOptions)
+                 if (v := getattr(args, f.name)) is not None}
+    options = PropagationOptions(**overrides)
+    model = load_model(args.model)
+    queries = select_scans(args.data, args.phantoms, args.split, args.limit)
+    # supports: the next scan in id order among all scans of the folder (circular)
+    everyone = find_scans(queries[0].image.parent) if queries else []
+    names = ORGAN_NAMES if args.phantoms else {}
+    print(f"model {model.name}; options {options}")
+    print(f"{'query':<16}{'support':<16}{'organ':>6}{'1 slice':>9}{'3D':>7}{'paper':>7}{'found':>10}"
+          f"{'truth':>10}{'s':>6}")
+    rows = []
+    cache = FeatureCache(max_volumes=3)
+    for record in queries:
+        support_record = everyone[(everyone.index(record) + 1) % len(everyone)]
+        query, support = load_scan(record), load_scan(support_record)
+        organs = args.organs or [int(v) for v in np.unique(query.label) if v]
+        for organ in organs:
+            truth, support_truth = query.label == organ, support.label == organ
+            if not truth.any() or not support_truth.any():
+                continue
+            painted, _ = paint_largest_slice(support_truth)
+            start = time.perf_counter()
+            one = segment_like(support.volume, painted, query.volume, model, support.spacing, query.spacing,
+                               options=options, cache=cache)
+            seconds = time.perf_counter() - start
+            full = None if args.skip_3d else segment_like(
+                support.volume, support_truth.astype(np.uint8), query.volume, model, support.spacing,
+                query.spacing, options=options, cache=cache)
+            paper = paper_protocol_mask(model, support.volume, support_truth, query.volume, truth,
+                                        support.spacing, query.spacing, cache=cache)
+            row = (organ, dice(one.mask, truth), dice(full.mask, truth) if full else np.nan, dice(paper, truth))
+            rows.append(row)
+            zs = np.flatnonzero(truth.any(axis=(0, 1)))
+            found = f"{one.slice_range[0]}-{one.slice_range[1]}" if one.slice_range else "-"
+            print(f"{record.name:<16}{support_record.name:<16}{organ:>6}{100 * row[1]:>9.1f}{100 * row[2]:>7.1f}"
+                  f"{100 * row[3]:>7.1f}{found:>10}{f'{zs[0]}-{zs[-1]}':>10}{seconds:>6.2f}", flush=True)
+    if not rows:
+        print("nothing scored")
+        return 1
+    print("\norgan          1 slice      3D   paper   (mean 3D Dice; paper = 3 supports, true z-range only)")
+    table = np.array([r[1:] for r in rows])
+    organs = sorted({r[0] for r in rows})
+    per_organ = []
+    for organ in organs:
+        mean = table[[r[0] == organ for r in rows]].mean(axis=0)
+        per_organ.append(mean)
+        print(f"{names.get(organ, str(organ)):<14}{100 * mean[0]:>8.1f}{100 * mean[1]:>8.1f}{100 * mean[2]:>8.1f}")
+    mean = np.mean(per_organ, axis=0)
+    print(f"{'mean':<14}{100 * mean[0]:>8.1f}{100 * mean[1]:>8.1f}{100 * mean[2]:>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Paint once, segment many: one support (a scan and its mask) applied to a folder of scans.
+
+Used by ``densemp-segment --scans`` and by the widget. Each scan is handled on its own: a bad
+scan is reported in the summary and the batch goes on; each output is written atomically, and
+outputs that exist are kept (a re-run resumes) unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .atomic import write_atomically
+from .engine import Cancelled, FeatureCache, Model, PropagationOptions, segment_like
+from .errors import DenseMPError
+from .io import Scan, as_3d, is_nifti, read_scan, write_nifti
+
+SUMMARY_FIELDS = ["scan", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
+                  "volume_ml", "output", "message"]
+
+
+@dataclass
+class Support:
+    """The painted (or fully segmented) structure of one scan, ready to be reused."""
+
+    scan: Scan
+    mask: np.ndarray
+    label: int | None = None
+
+    @classmethod
+    def from_files(cls, image: str | Path, mask: str | Path, label: int | None = None) -> Support:
+        scan, painted = read_scan(image), read_scan(mask)
+        volume, binary = as_3d(scan.data, image, "support image"), as_3d(painted.data, mask, "support mask")
+        if binary.shape != volume.shape:
+            raise DenseMPError(f"The support mask's shape {binary.shape} differs from the support image's "
+                               f"{volume.shape}.")
+        if not np.allclose(painted.affine, scan.affine, atol=1e-3, rtol=1e-4):
+            raise DenseMPError("The support mask's affine differs from the support image's: they do not lie "
+                               "on the same voxel grid.")
+        return cls(Scan(volume, scan.affine, scan.header, scan.path), binary, label)
+
+
+@dataclass
+class BatchRow:
+    scan: str
+    status: str  # "done", "skipped (exists)", "failed"
+    seconds: float = 0.0
+    first_slice: int | None = None
+    last_slice: int | None = None
+    slices: int = 0
+    mean_confidence: float = 0.0
+    volume_ml: float = 0.0
+    output: str = ""
+    message: str = ""
+
+
+def list_scans(folder: str | Path, pattern: str = "*") -> list[Path]:
+    """NIfTI files (and DICOM series folders) in ``folder`` matching ``pattern``, sorted."""
+    from .dicom import looks_like_dicom_folder
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DenseMPError(f"Not a folder: {folder}")
+    return sorted(p for p in folder.glob(pattern)
+                  if (p.is_file() and is_nifti(p)) or (p.is_dir() and looks_like_dicom_folder(p)))
+
+
+def output_path(scan_path: Path, out_dir: Path) -> Path:
+    name = scan_path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return out_dir / f"{name}.nii.gz"
+
+
+def shard(items: list, spec: str | None) -> list:
+    """``K/N``: the items whose index modulo N is K (K from 0), for array jobs and several GPUs."""
+    if not spec:
+        return items
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise DenseMPError(f"--shard must look like K/N (e.g. 0/4); got {spec!r}.") from None
+    if n < 1 or not 0 <= k < n:
+        raise DenseMPError(f"--shard K/N needs 0 <= K < N; got {spec!r}.")
+    return items[k::n]
+
+
+def _to_orientation(data: np.ndarray, affine: np.ndarray, target: np.ndarray):
+    """``data`` reoriented to the axis directions of ``target`` (an affine), and the way back."""
+    start, goal = nib.orientations.io_orientation(affine), nib.orientations.io_orientation(target)
+    forward = nib.orientations.ornt_transform(start, goal)
+    moved = nib.orientations.apply_orientation(data, forward)
+    moved_affine = affine @ nib.orientations.inv_ornt_aff(forward, data.shape)
+    back = nib.orientations.ornt_transform(goal, start)
+    return moved, moved_affine, lambda mask: nib.orientations.apply_orientation(mask, back)
+
+
+def segment_scan(support: Support, query: Scan, model: Model, axis: int = 2,
+                 options: PropagationOptions | None = None, cache: FeatureCache | None = None,
+                 cancel: Callable[[], bool] | None = None):
+    """segment_like on a query scan brought into the support's orientation (the model, its
+    position priors and the support's slices then agree on which way is which); the mask is
+    returned on the query's own grid."""
+    volume, affine, back = _to_orientation(query.data, query.affine, support.scan.affine)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    result = segment_like(support.scan.data, support.mask, volume, model, support.scan.spacing, spacing,
+                          axis=axis, label=support.label, options=options, cache=cache, cancel=cancel)
+    result.mask = back(result.mask)
+    return result
+
+
+def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, model: Model, axis: int = 2,
+                   options: PropagationOptions | None = None, overwrite: bool = False,
+                   on_scan: Callable[[BatchRow], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> list[BatchRow]:
+    """Segment the support's structure in every scan; one row per scan, failures included."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = {Path(p).resolve() for p in (support.scan.path,) if p is not None}
+    cache = FeatureCache(max_volumes=2)  # the support's features stay while queries pass through
+    rows = []
+    for path in scans:
+        if cancel is not None and cancel():
+            break
+        out = output_path(path, out_dir)
+        start = time.perf_counter()
+        if out.resolve() in sources or out.resolve() == Path(path).resolve():
+            row = BatchRow(path.name, "failed", message="the output would replace an input")
+        elif out.exists() and not overwrite:
+            row = BatchRow(path.name, "skipped (exists)", output=str(out))
+        else:
+            try:
+                scan = read_scan(path)
+                scan = Scan(as_3d(scan.data, path, "scan"), scan.affine, scan.header, scan.path)
+                result = segment_scan(support, scan, model, axis, options, cache, cancel)
+                write_nifti(out, result.mask.astype(np.uint8), scan.affine, reference=scan.header,
+                            overwrite=overwrite)
+                kept = result.confidence[result.confidence > 0]
+                voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+                rng = result.slice_range
+                row = BatchRow(path.name, "done", time.perf_counter() - start, rng[0] if rng else None,
+                               rng[1] if rng else None, int(kept.size), float(kept.mean()) if kept.size else 0.0,
+                               float(result.mask.sum()) * voxel_ml, str(out),
+                               "" if rng else "structure not found")
+            except Cancelled:
+                break
+            except DenseMPError as exc:
+                row = BatchRow(path.name, "failed", time.perf_counter() - start, message=str(exc))
+            except Exception as exc:  # a scan that breaks anything else is still only that scan
+                row = BatchRow(path.name, "failed", time.perf_counter() - start,
+                               message=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+        if on_scan is not None:
+            on_scan(row)
+    return rows
+
+
+def write_summary(rows: list[BatchRow], path: str | Path) -> Path:
+    """The batch's table as CSV, written atomically."""
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        values = asdict(row)
+        values["seconds"] = f"{row.seconds:.2f}"
+        values["mean_confidence"] = f"{row.mean_confidence:.3f}"
+        values["volume_ml"] = f"{row.volume_ml:.1f}"
+        writer.writerow(values)
+    return write_atomically(Path(path), lambda tmp: Path(tmp).write_text(buffer.getvalue()), suffix=".csv")

@@ -1,0 +1,148 @@
+"""Paint once, segment many: segment_like on another phantom, the folder run and its CLI."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from napari_densemp.batch import Support, list_scans, segment_folder, shard
+from napari_densemp.cli import main as segment_main
+from napari_densemp.engine import chunk_centres, segment_like
+from napari_densemp.errors import DenseMPError
+from napari_densemp.io import read_nifti, write_nifti
+from src_data.phantoms import LEFT_KIDNEY, LIVER, RIGHT_KIDNEY, SPLEEN, make_phantom
+
+from .conftest import dice, paint_largest
+
+
+@pytest.fixture(scope="module")
+def other_ct():
+    return make_phantom(seed=21, modality="ct")
+
+
+def _extent(mask: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(mask.any(axis=(0, 1)))
+
+
+def test_chunk_centres_are_the_papers_support_slices():
+    assert chunk_centres(list(range(12)), 3) == [2, 6, 10]  # 1/6, 1/2, 5/6 of the list
+    assert chunk_centres([3, 4, 5, 9, 10, 11], 3) == [4, 9, 11]
+    assert chunk_centres([7], 3) == [7]
+
+
+# overshoot: slices segmented past the organ's ends (the spleen's walk runs on into the liver's level)
+@pytest.mark.parametrize("organ,minimum,overshoot", [(LIVER, 0.70, 4), (SPLEEN, 0.50, 14)])
+def test_segment_like_finds_the_organ_at_another_height(ct_phantom, other_ct, default_model, organ, minimum,
+                                                        overshoot):
+    painted, z = paint_largest(ct_phantom.label, organ)
+    truth = other_ct.label == organ
+    extent = _extent(truth)
+    # the organ lies elsewhere in the query: the painted slice index says nothing about it
+    assert z < extent[0] or z > extent[-1] or abs(z - (extent[0] + extent[-1]) / 2) > 3
+    result = segment_like(ct_phantom.image, painted, other_ct.image, default_model, ct_phantom.spacing,
+                          other_ct.spacing)
+    assert result.mask.shape == other_ct.image.shape
+    assert extent[0] <= result.found_at[0] <= extent[-1]
+    assert dice(result.mask, truth) > minimum
+    first, last = result.slice_range
+    assert first >= extent[0] - overshoot and last <= extent[-1] + overshoot
+
+
+def test_segment_like_tells_the_right_kidney_from_the_left(ct_phantom, other_ct, default_model):
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    result = segment_like(ct_phantom.image, painted, other_ct.image, default_model, ct_phantom.spacing,
+                          other_ct.spacing)
+    assert dice(result.mask, other_ct.label == RIGHT_KIDNEY) > 0.3
+    assert dice(result.mask, other_ct.label == LEFT_KIDNEY) < 0.02
+
+
+def test_a_3d_support_is_paired_by_chunks(ct_phantom, other_ct, default_model):
+    support = (ct_phantom.label == LIVER).astype(np.uint8)
+    result = segment_like(ct_phantom.image, support, other_ct.image, default_model, ct_phantom.spacing,
+                          other_ct.spacing)
+    assert len(result.found_at) == 3 and result.found_at == sorted(result.found_at)
+    assert dice(result.mask, other_ct.label == LIVER) > 0.70
+
+
+def test_segment_like_names_bad_input(ct_phantom, default_model):
+    with pytest.raises(DenseMPError, match="no painted voxel"):
+        segment_like(ct_phantom.image, np.zeros(ct_phantom.image.shape, np.uint8), ct_phantom.image, default_model)
+    with pytest.raises(DenseMPError, match="query image must be a 3D"):
+        segment_like(ct_phantom.image, ct_phantom.label == LIVER, ct_phantom.image[..., 0], default_model)
+
+
+def test_shard_splits_a_list_and_names_bad_specs():
+    items = list(range(7))
+    assert shard(items, "0/3") + shard(items, "1/3") + shard(items, "2/3") == [0, 3, 6, 1, 4, 2, 5]
+    for bad in ("3/3", "a/b", "1"):
+        with pytest.raises(DenseMPError, match="shard"):
+            shard(items, bad)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, ct_phantom, other_ct):
+    """A support (phantom 11, liver painted) and a folder: two good scans, a corrupt one, a 2D one."""
+    root = tmp_path_factory.mktemp("batch")
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    write_nifti(root / "support.nii.gz", ct_phantom.image, ct_phantom.affine)
+    write_nifti(root / "support_painted.nii.gz", painted, ct_phantom.affine)
+    scans = root / "scans"
+    scans.mkdir()
+    third = make_phantom(seed=22, modality="ct")
+    # the second scan is stored flipped (another orientation); its mask must come back on its grid
+    flipped_affine = third.affine @ np.array([[-1, 0, 0, third.image.shape[0] - 1], [0, 1, 0, 0],
+                                              [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    write_nifti(scans / "a.nii.gz", other_ct.image, other_ct.affine)
+    write_nifti(scans / "b.nii.gz", third.image[::-1], flipped_affine)
+    (scans / "c.nii.gz").write_bytes(b"corrupt")
+    write_nifti(scans / "d.nii.gz", np.zeros((30, 30), np.float32), np.eye(4))
+    return root, {"a": other_ct.label == LIVER, "b": (third.label == LIVER)[::-1]}
+
+
+def test_folder_run_isolates_bad_scans_writes_atomically_and_resumes(folder, default_model):
+    root, truths = folder
+    support = Support.from_files(root / "support.nii.gz", root / "support_painted.nii.gz")
+    scans = list_scans(root / "scans")
+    assert [p.name for p in scans] == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz"]
+    out = root / "out"
+    rows = segment_folder(support, scans, out, default_model)
+    assert [r.status for r in rows] == ["done", "done", "failed", "failed"]
+    assert "Cannot read" in rows[2].message and "2D" in rows[3].message
+    for name, truth in truths.items():
+        mask = read_nifti(out / f"{name}.nii.gz")
+        source = read_nifti(root / "scans" / f"{name}.nii.gz")
+        assert np.array_equal(mask.affine, source.affine) and mask.data.shape == source.data.shape
+        assert dice(mask.data.astype(bool), truth) > 0.6
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]  # no temporary files left
+    before = (out / "a.nii.gz").stat().st_mtime_ns
+    again = segment_folder(support, scans[:2], out, default_model)
+    assert [r.status for r in again] == ["skipped (exists)"] * 2
+    assert (out / "a.nii.gz").stat().st_mtime_ns == before
+
+
+def test_folder_cli_reports_a_summary_and_exit_code(folder, capsys):
+    root, _ = folder
+    out = root / "cli-out"
+    code = segment_main(["--support-image", str(root / "support.nii.gz"), "--support-mask",
+                         str(root / "support_painted.nii.gz"), "--scans", str(root / "scans"), "--out", str(out),
+                         "--shard", "0/2"])
+    assert code == 3  # c.nii.gz (index 2) failed; a and c were this shard's
+    with open(out / "summary_0of2.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["scan"], r["status"]) for r in rows] == [("a.nii.gz", "done"), ("c.nii.gz", "failed")]
+    assert int(rows[0]["first_slice"]) <= int(rows[0]["last_slice"]) and float(rows[0]["volume_ml"]) > 100
+    assert "1 segmented, 0 already done, 1 failed" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # a folder run without the support's mask
+        segment_main(["--support-image", str(root / "support.nii.gz"), "--scans", str(root / "scans"),
+                      "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "needs --support-image, --support-mask and --scans" in capsys.readouterr().err
+
+
+def test_support_with_a_mismatched_mask_is_named(tmp_path, ct_phantom):
+    write_nifti(tmp_path / "s.nii.gz", ct_phantom.image, ct_phantom.affine)
+    write_nifti(tmp_path / "m.nii.gz", np.zeros((4, 4, 4), np.uint8), ct_phantom.affine)
+    with pytest.raises(DenseMPError, match="support mask's shape"):
+        Support.from_files(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
