@@ -16,7 +16,7 @@ OUT = Path(__file__).with_name("widget.png")
 
 def main(out: Path = OUT) -> int:
     viewer = napari.Viewer(title="napari-densemp")
-    viewer.window._qt_window.resize(1500, 900)
+    viewer.window._qt_window.resize(1500, 1000)
     viewer.open_sample("napari-densemp", "phantom_ct")
     _, widget = viewer.window.add_plugin_dock_widget("napari-densemp", "One-shot segment")
     widget.run()

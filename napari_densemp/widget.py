@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,6 +75,9 @@ class _Request:
     between_painted_only: bool
     image_layer: Any = None
     geometry: Geometry | None = None  # the scan's stored grid, when the layer came from our reader
+    targets: list | None = None  # segment_open_images: the other image layers
+    scans: list | None = None  # segment_folder: the scan files
+    results_dir: Path | None = None
 
     def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int]:
         """Volume, painting, spacing and slicing axis on the scan's stored grid: the engine then
@@ -119,9 +123,16 @@ class OneShotWidget(Container):
         self._status = Label(value="Paint the structure on one slice, then press Propagate.")
         self._slice_info = Label(value="")
         self._status.native.setWordWrap(True)
+        # Paint once, segment many: the painted scan as support for other scans.
+        self._many_title = Label(value="<b>Segment the same structure in other scans</b>")
+        self._open_images = PushButton(text="Segment in the other open images")
+        self._scans_dir = FileEdit(label="scans folder", mode="d")
+        self._results_dir = FileEdit(label="results folder", mode="d")
+        self._segment_folder = PushButton(text="Segment folder")
         self.extend([self._image, self._painted, self._label, self._target, self._model, self._checkpoint,
                      self._device, self._axis, self._between, self._propagate, self._cancel, self._undo,
-                     self._progress, self._status, self._slice_info])
+                     self._progress, self._status, self._slice_info, self._many_title, self._open_images,
+                     self._scans_dir, self._results_dir, self._segment_folder])
 
         self._models: dict[tuple[str, str], Any] = {}
         self._feature_cache = None  # created with the engine on first use (torch loads lazily)
@@ -139,6 +150,8 @@ class OneShotWidget(Container):
         self._propagate.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         self._undo.changed.connect(self.undo)
+        self._open_images.changed.connect(self.segment_open_images)
+        self._segment_folder.changed.connect(self.segment_folder)
         self.viewer.dims.events.current_step.connect(self._show_slice_info)
 
     # ------------------------------------------------------------------ inputs
@@ -212,15 +225,19 @@ class OneShotWidget(Container):
 
     def run(self) -> None:
         """Propagate in a background thread; errors become notifications, never dialogs."""
-        from napari.qt.threading import thread_worker
-        from napari.utils import progress
-
-        if self._worker is not None:
-            return
         try:
             request = self._request()
         except DenseMPError as exc:
             self._notify_error(str(exc))
+            return
+        self._start(self._compute, self._on_result, request)
+
+    def _start(self, compute, on_result, request) -> None:
+        """Run ``compute(request, run)`` in a thread_worker; ``on_result(request, result, seconds)``."""
+        from napari.qt.threading import thread_worker
+        from napari.utils import progress
+
+        if self._worker is not None:
             return
         self._cancel_flag.clear()
         self._runs += 1
@@ -229,8 +246,8 @@ class OneShotWidget(Container):
         self._activity = progress(total=100, desc="One-shot segment")  # napari's activity dock
         # The run ends in "returned" or "errored" (not "finished", which can arrive first and
         # drop the last reference to the worker before its result is delivered).
-        worker = thread_worker(self._compute, start_thread=False, connect={
-            "returned": lambda result: self._end_run(self._on_result, request, result, time.perf_counter() - start),
+        worker = thread_worker(compute, start_thread=False, connect={
+            "returned": lambda result: self._end_run(on_result, request, result, time.perf_counter() - start),
             "errored": lambda exc: self._end_run(self._on_error, exc)})(request, self._runs)
         self._worker = worker
         worker.start()
@@ -257,7 +274,7 @@ class OneShotWidget(Container):
             raise TimeoutError("propagation still running")
 
     def _set_running(self, running: bool) -> None:
-        self._propagate.enabled = not running
+        self._propagate.enabled = self._open_images.enabled = self._segment_folder.enabled = not running
         self._cancel.enabled = running
         self._progress.visible = running
         self._progress.value = 0
@@ -347,6 +364,128 @@ class OneShotWidget(Container):
                        scale=image.scale, translate=image.translate, metadata=metadata, opacity=0.5)
         self._own_results[key] = layer
         return layer, True
+
+    # ------------------------------------------------------------------ paint once, segment many
+    def _support(self, request: _Request):
+        """The painted scan as a :class:`~napari_densemp.batch.Support` on its stored grid."""
+        from .batch import Support
+        from .io import Scan
+
+        volume, painted, spacing, axis = request.on_stored_grid()
+        affine = request.geometry.affine if request.geometry is not None else np.diag([*spacing, 1.0])
+        return Support(Scan(volume, affine, None, None), painted, request.label), axis
+
+    def _layer_scan(self, layer):
+        """An image layer as a Scan on its stored grid (its affine, or one from its scale)."""
+        from .io import Scan
+
+        geometry = Geometry.from_metadata(layer.metadata)
+        data = np.asarray(layer.data)
+        if geometry is not None and geometry.display_shape == data.shape:
+            return Scan(geometry.stored(data), geometry.affine, None, None), geometry
+        return Scan(data, np.diag([*(float(s) for s in layer.scale[-3:]), 1.0]), None, None), None
+
+    def segment_open_images(self) -> None:
+        """The painted structure, found and segmented in every other open 3D image layer."""
+        try:
+            request = self._request()
+        except DenseMPError as exc:
+            self._notify_error(str(exc))
+            return
+        others = [layer for layer in self.viewer.layers if layer.__class__.__name__ == "Image"
+                  and layer is not request.image_layer and layer.ndim == 3 and not layer.rgb]
+        if not others:
+            self._notify_error("Open the other scans as image layers first (File > Open).")
+            return
+        request.targets = others
+        self._start(self._compute_many, self._on_many, request)
+
+    def _compute_many(self, request: _Request, run: int) -> list:
+        from .batch import segment_scan
+        from .engine import PropagationOptions
+
+        model = self._load_model(request.model_source, request.device)
+        support, axis = self._support(request)
+        results = []
+        for i, layer in enumerate(request.targets):
+            self._relay.progressed.emit(run, i, len(request.targets), f"segmenting '{layer.name}'")
+            scan, geometry = self._layer_scan(layer)
+            try:
+                result = segment_scan(support, scan, model, axis, PropagationOptions(), self._feature_cache,
+                                      self._cancel_flag.is_set)
+                mask = geometry.display(result.mask) if geometry is not None else result.mask
+                results.append((layer, mask, result, ""))
+            except DenseMPError as exc:
+                results.append((layer, None, None, str(exc)))
+        return results
+
+    def _on_many(self, request: _Request, results: list, seconds: float) -> None:
+        from napari.layers import Labels
+
+        label = int(request.label or np.max(request.painted[request.painted != 0], initial=1))
+        lines = []
+        for layer, mask, result, message in results:
+            if mask is None:
+                lines.append(f"'{layer.name}': failed: {message}")
+                continue
+            metadata = {k: v for k, v in layer.metadata.items() if k == METADATA_KEY}
+            new = Labels(mask.astype(np.uint8 if label <= 255 else np.int32) * label, scale=layer.scale,
+                         translate=layer.translate, metadata=metadata, opacity=0.5,
+                         name=f"{layer.name} {label} like {request.image_layer.name}")
+            self.viewer.add_layer(new)
+            self._undo_stack = [*self._undo_stack[-(UNDO_DEPTH - 1):], _Undo(new, None)]
+            rng = result.slice_range
+            lines.append(f"'{layer.name}': " + (f"slices {rng[0]}-{rng[1]}" if rng else "not found"))
+        self._status.value = "\n".join(lines) + f"\n{seconds:.1f} s"
+
+    def segment_folder(self) -> None:
+        """Every scan of a folder, results as NIfTI in another folder with a summary table."""
+        try:
+            request = self._request()
+            scans_dir, results_dir = Path(self._scans_dir.value), Path(self._results_dir.value)
+            if not str(self._scans_dir.value).strip(". ") or not scans_dir.is_dir():
+                raise DenseMPError("Choose the folder of scans to segment.")
+            if not str(self._results_dir.value).strip(". ") or results_dir.resolve() == scans_dir.resolve():
+                raise DenseMPError("Choose a results folder other than the scans folder.")
+            from .batch import list_scans
+
+            request.scans = list_scans(scans_dir)
+            if not request.scans:
+                raise DenseMPError(f"No NIfTI file or DICOM folder in {scans_dir}.")
+            request.results_dir = results_dir
+        except DenseMPError as exc:
+            self._notify_error(str(exc))
+            return
+        self._start(self._compute_folder, self._on_folder, request)
+
+    def _compute_folder(self, request: _Request, run: int):
+        from .batch import segment_folder, write_summary
+
+        model = self._load_model(request.model_source, request.device)
+        support, axis = self._support(request)
+        total = len(request.scans)
+        done = []
+
+        def on_scan(row) -> None:
+            done.append(row)
+            self._relay.progressed.emit(run, len(done), total, f"{row.scan}: {row.status}")
+
+        self._relay.progressed.emit(run, 0, total, "segmenting scans")
+        rows = segment_folder(support, request.scans, request.results_dir, model, axis, on_scan=on_scan,
+                              cancel=self._cancel_flag.is_set)
+        return rows, write_summary(rows, request.results_dir / "summary.csv")
+
+    def _on_folder(self, request: _Request, outcome, seconds: float) -> None:
+        rows, summary = outcome
+        failed = [r for r in rows if r.status == "failed"]
+        counts = sum(r.status == "done" for r in rows), sum(r.status.startswith("skipped") for r in rows)
+        text = (f"{counts[0]} segmented, {counts[1]} already done, {len(failed)} failed of {len(request.scans)} "
+                f"in {seconds:.1f} s; table: {summary}")
+        self._status.value = text + "".join(f"\n{r.scan}: {r.message}" for r in failed[:5])
+        if failed:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"{len(failed)} scan(s) failed; see {summary}")
 
     def undo(self) -> None:
         """Undo the last propagation as a whole (restores the layer, or removes the one it made)."""

@@ -160,3 +160,34 @@ def test_bad_input_is_a_notification_and_changes_nothing(viewer_with_sample, tmp
     assert {layer.name for layer in viewer.layers} == set(before)
     for layer in viewer.layers:
         assert np.array_equal(layer.data, before[layer.name])
+
+
+def test_segment_the_same_structure_in_other_open_images_and_a_folder(viewer_with_sample, tmp_path):
+    from napari_densemp.io import read_nifti, write_nifti
+    from napari_densemp.napari_io import layer_from_array
+
+    viewer, widget = viewer_with_sample
+    other = make_phantom(seed=21, modality="ct")
+    data, kwargs, _ = layer_from_array(other.image, other.affine, "other CT")
+    viewer.add_image(data, **kwargs)
+    widget.reset_choices()
+    widget._image.value = viewer.layers["phantom CT"]
+    widget.segment_open_images()
+    widget.wait()
+    found = viewer.layers["other CT 6 like phantom CT"]
+    truth = Geometry.from_metadata(kwargs["metadata"]).display(other.label == LIVER)
+    assert dice(found.data == LIVER, truth) > 0.7
+    assert tuple(found.scale) == tuple(viewer.layers["other CT"].scale)
+
+    scans, results = tmp_path / "scans", tmp_path / "results"
+    scans.mkdir()
+    write_nifti(scans / "other.nii.gz", other.image, other.affine)
+    (scans / "broken.nii.gz").write_bytes(b"not a scan")
+    widget._scans_dir.value, widget._results_dir.value = scans, results
+    widget.segment_folder()
+    widget.wait()
+    assert "1 segmented, 0 already done, 1 failed of 2" in widget._status.value
+    saved = read_nifti(results / "other.nii.gz")
+    assert np.array_equal(saved.affine, read_nifti(scans / "other.nii.gz").affine)
+    assert dice(saved.data.astype(bool), other.label == LIVER) > 0.7
+    assert (results / "summary.csv").read_text().count("\n") == 3  # header + two scans
