@@ -20,6 +20,26 @@ def test_manifest_found_through_the_entry_point():
     assert manifest.display_name
 
 
+def test_napari_finds_our_reader_writer_samples_and_widget(tmp_path):
+    """What File > Open, Save, Open Sample and the Plugins menu ask npe2 for."""
+    import numpy as np
+    from npe2 import PluginManager
+
+    from napari_densemp.io import write_nifti
+
+    manager = PluginManager.instance()
+    manager.discover()
+    scan = tmp_path / "scan.nii.gz"
+    write_nifti(scan, np.zeros((4, 5, 6), np.float32), np.eye(4))
+    readers = [r.plugin_name for r in manager.iter_compatible_readers([str(scan)])]
+    assert "napari-densemp" in readers
+    writers = [w.plugin_name for w in manager.iter_compatible_writers(["labels"])]
+    assert "napari-densemp" in writers
+    contributions = manager.get_manifest("napari-densemp").contributions
+    assert {s.key for s in contributions.sample_data} == {"phantom_ct", "mni152_t1"}
+    assert [w.display_name for w in contributions.widgets] == ["One-shot segment"]
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")

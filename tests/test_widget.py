@@ -191,3 +191,16 @@ def test_segment_the_same_structure_in_other_open_images_and_a_folder(viewer_wit
     assert np.array_equal(saved.affine, read_nifti(scans / "other.nii.gz").affine)
     assert dice(saved.data.astype(bool), other.label == LIVER) > 0.7
     assert (results / "summary.csv").read_text().count("\n") == 3  # header + two scans
+
+
+def test_napari_opens_a_nifti_and_a_sample_through_the_plugin(make_napari_viewer, tmp_path):
+    from napari_densemp.io import write_nifti
+
+    viewer = make_napari_viewer()
+    phantom = make_phantom(seed=7, modality="ct")
+    write_nifti(tmp_path / "ct.nii.gz", phantom.image, phantom.affine)
+    [layer] = viewer.open(str(tmp_path / "ct.nii.gz"), plugin="napari-densemp")
+    assert layer.name == "ct" and layer.data.shape == (48, 195, 195)  # axial slices on the slider
+    assert np.allclose(layer.scale, (phantom.spacing[2], phantom.spacing[1], phantom.spacing[0]))
+    viewer.open_sample("napari-densemp", "phantom_ct")
+    assert {"phantom CT", "liver painted"} <= {lyr.name for lyr in viewer.layers}
