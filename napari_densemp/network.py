@@ -243,6 +243,11 @@ class FewShotSegmenter(nn.Module):
         fg, bg = support_prototypes(support_features, soft, window, self.config)
         return head_logits(query_features, fg, bg, self.config.scale)
 
+    def forward(self, support_image: torch.Tensor, support_mask: torch.Tensor, query_image: torch.Tensor,
+                query_label: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training forward (what DistributedDataParallel wraps): :meth:`episode_loss`."""
+        return self.episode_loss(support_image, support_mask, query_image, query_label)
+
     def episode_loss(self, support_image: torch.Tensor, support_mask: torch.Tensor,
                      query_image: torch.Tensor, query_label: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Loss of a batch of independent 1-way 1-shot 1-query episodes.

@@ -1,13 +1,18 @@
 """``densemp-train``: headless training of DenseMP models.
 
-Sub-commands: ``stage2`` (superpixel self-supervision) and ``export`` (a lean, shippable
-checkpoint from a training run).
+Sub-commands: ``stage1`` (dense contrastive pre-training of the backbone), ``stage2``
+(superpixel self-supervision), ``finetune`` (labelled + superpixel episodes) and ``export``
+(a lean, shippable checkpoint from a training run). Every stage runs on CPU or CUDA, resumes
+from its run folder, and scales over GPUs and nodes with ``torchrun``:
+
+    torchrun --nproc-per-node 4 -m training.cli stage2 --data DIR --out runs/s2 --batch 2
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,32 +26,84 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-dim", type=int, default=256)
 
 
+def _run_args(parser: argparse.ArgumentParser, iterations: int, lr: float | None, checkpoint_every: int) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, caches)")
+    parser.add_argument("--iterations", type=int, default=iterations, help="optimiser steps")
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--batch", type=int, default=1, help="items per rank and micro-step")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-steps per optimiser step")
+    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=0, help="background data workers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing last.pt instead of resuming")
+    parser.add_argument("--stop-at", type=int, help="checkpoint and stop at this step (rerun to continue)")
+
+
+def _episode_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, nargs="*", default=[], help="folders of NIfTI scans")
+    parser.add_argument("--phantoms", type=int, default=0, help="add N CT and N MRI phantoms")
+    parser.add_argument("--exclude", nargs="*", default=[], help="scan-name globs never trained on")
+    parser.add_argument("--no-hold-out", action="store_true",
+                        help="also train on the benchmark patients (CHAOS 31-39, last 10 OpenKBP)")
+    parser.add_argument("--exclude-classes", type=int, nargs="*", default=[],
+                        help="setting 2: drop every slice holding any of these label values")
+    parser.add_argument("--crop", type=int, default=256)
+
+
+def _optim(args: argparse.Namespace, **overrides):
+    from .loop import OptimConfig
+
+    values = {"iterations": args.iterations, "checkpoint_every": args.checkpoint_every,
+              "log_every": args.log_every, "amp": args.amp, "accumulate": args.accumulate,
+              "stop_at": args.stop_at, **overrides}
+    if args.lr is not None:
+        values["lr"] = args.lr
+    return OptimConfig(**values)
+
+
+def _stage2_config(args: argparse.Namespace, network=None):
+    from .stage2 import Stage2Config
+
+    config = Stage2Config(
+        data_dirs=args.data, run_dir=args.out, phantoms=args.phantoms, exclude=args.exclude,
+        hold_out=not args.no_hold_out, excluded_classes=args.exclude_classes, crop=args.crop, seed=args.seed,
+        batch=args.batch, workers=args.workers, device=args.device, optim=_optim(args))
+    if network is not None:
+        config.network = network
+    return config
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densemp-train", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    s1 = sub.add_parser("stage1", help="dense contrastive pre-training of the backbone (DenseCL)")
+    s1.add_argument("--images", type=Path, nargs="+", required=True,
+                    help="folders of 2D images (jpg/png, class folders allowed) and/or NIfTI scans")
+    s1.add_argument("--size", type=int, default=224)
+    s1.add_argument("--init", type=Path, help="torchvision-format ResNet weights (e.g. ImageNet) to start from")
+    s1.add_argument("--queue", type=int, default=65536)
+    s1.add_argument("--dense-weight", type=float, default=0.5, help="lambda; 0: global loss only")
+    _run_args(s1, iterations=10_000, lr=None, checkpoint_every=500)
+    s1.add_argument("--depth", type=int, default=101, choices=[18, 34, 50, 101])
+    s1.add_argument("--last-layer", type=int, default=4, choices=[3, 4])
+
     s2 = sub.add_parser("stage2", help="superpixel-guided self-supervised episodes (no labels)")
-    s2.add_argument("--data", type=Path, nargs="*", default=[], help="folders of NIfTI scans")
-    s2.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, caches)")
-    s2.add_argument("--phantoms", type=int, default=0, help="add N CT and N MRI phantoms")
-    s2.add_argument("--exclude", nargs="*", default=[], help="scan-name globs never trained on")
-    s2.add_argument("--no-hold-out", action="store_true",
-                    help="also train on the benchmark patients (CHAOS 31-39, last 10 OpenKBP)")
-    s2.add_argument("--exclude-classes", type=int, nargs="*", default=[],
-                    help="setting 2: drop every slice holding any of these label values")
-    s2.add_argument("--iterations", type=int, default=100_000)
-    s2.add_argument("--lr", type=float, default=1e-3)
-    s2.add_argument("--batch", type=int, default=1, help="episodes per step")
-    s2.add_argument("--crop", type=int, default=256)
-    s2.add_argument("--checkpoint-every", type=int, default=500)
-    s2.add_argument("--log-every", type=int, default=25)
-    s2.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    s2.add_argument("--device", default="auto")
-    s2.add_argument("--workers", type=int, default=0, help="background episode workers")
-    s2.add_argument("--seed", type=int, default=0)
-    s2.add_argument("--fresh", action="store_true", help="ignore an existing last.pt instead of resuming")
+    _episode_data_args(s2)
+    s2.add_argument("--init-backbone", type=Path,
+                    help="backbone weights by name: a stage-1 checkpoint or torchvision ResNet weights")
+    _run_args(s2, iterations=100_000, lr=1e-3, checkpoint_every=500)
     _network_args(s2)
+
+    ft = sub.add_parser("finetune", help="labelled (p 0.25) and superpixel episodes from a stage-2 model")
+    ft.add_argument("checkpoint", type=Path, help="the stage-2 checkpoint to start from")
+    _episode_data_args(ft)
+    ft.add_argument("--labelled", type=float, default=0.25, help="share of labelled episodes")
+    _run_args(ft, iterations=5100, lr=1e-4, checkpoint_every=500)
 
     ex = sub.add_parser("export", help="strip the training state from a checkpoint (float16 weights)")
     ex.add_argument("checkpoint", type=Path)
@@ -61,21 +118,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "stage2":
+        if args.command == "stage1":
+            from .stage1 import DenseCLConfig, Stage1Config, default_lr, run_stage1
+
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            lr = args.lr if args.lr is not None else default_lr(args.batch * args.accumulate * world)
+            config = Stage1Config(
+                sources=args.images, run_dir=args.out, size=args.size, batch=args.batch, init=args.init,
+                seed=args.seed, workers=args.workers, device=args.device,
+                model=DenseCLConfig(depth=args.depth, last_layer=args.last_layer, queue=args.queue,
+                                    dense_weight=args.dense_weight),
+                optim=_optim(args, lr=lr, schedule="cosine", weight_decay=1e-4))
+            print(f"stage 1 checkpoint: {run_stage1(config, resume=not args.fresh)}")
+        elif args.command == "stage2":
             from napari_densemp.network import NetworkConfig
 
-            from .loop import OptimConfig
-            from .stage2 import Stage2Config, run_stage2
+            from .stage2 import run_stage2
 
-            config = Stage2Config(
-                data_dirs=args.data, run_dir=args.out, phantoms=args.phantoms, exclude=args.exclude,
-                hold_out=not args.no_hold_out, excluded_classes=args.exclude_classes, crop=args.crop,
-                seed=args.seed, batch=args.batch, workers=args.workers, device=args.device,
-                network=NetworkConfig(depth=args.depth, last_layer=args.last_layer, feature_dim=args.feature_dim),
-                optim=OptimConfig(iterations=args.iterations, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                                  log_every=args.log_every, amp=args.amp))
-            last = run_stage2(config, resume=not args.fresh)
-            print(f"stage 2 checkpoint: {last}")
+            config = _stage2_config(args, NetworkConfig(depth=args.depth, last_layer=args.last_layer,
+                                                        feature_dim=args.feature_dim))
+            config.init_backbone = args.init_backbone
+            print(f"stage 2 checkpoint: {run_stage2(config, resume=not args.fresh)}")
+        elif args.command == "finetune":
+            from .finetune import FinetuneConfig, run_finetune
+
+            config = FinetuneConfig(stage2=args.checkpoint, data=_stage2_config(args), optim=_optim(args),
+                                    labelled=args.labelled)
+            print(f"fine-tuned checkpoint: {run_finetune(config, resume=not args.fresh)}")
         elif args.command == "export":
             from napari_densemp.checkpoint import load_checkpoint, save_checkpoint
 

@@ -6,7 +6,7 @@ resumed run continues with exactly the episodes an uninterrupted run would have 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -55,19 +55,20 @@ def crop_or_pad(image: np.ndarray, mask: np.ndarray, centre: tuple[float, float]
     return out_image, out_mask
 
 
-class SuperpixelEpisodes(torch.utils.data.IterableDataset):
-    """Endless 1-way 1-shot episodes: support and query are two independent augmentations
-    of the same slice and superpixel mask."""
+class SuperpixelEpisodes(torch.utils.data.Dataset):
+    """1-way 1-shot episodes addressed by index (endless: any index is an episode): support
+    and query are two independent augmentations of the same slice and superpixel mask."""
 
     def __init__(self, scans: Sequence[PreparedScan], crop: int = 256, seed: int = 0,
-                 start: int = 0, excluded_classes: Sequence[int] = (),
-                 augment_config: AugmentConfig | None = None) -> None:
+                 excluded_classes: Sequence[int] = (), augment_config: AugmentConfig | None = None) -> None:
         self.scans = list(scans)
         self.crop = crop
         self.seed = seed
-        self.start = start
         self.augment_config = augment_config or AugmentConfig()
         self.slices = usable_slices(self.scans, excluded_classes)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.episode(int(index))
 
     def episode(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
@@ -87,11 +88,3 @@ class SuperpixelEpisodes(torch.utils.data.IterableDataset):
         images, masks = augment(images, masks, self.augment_config, generator)
         return {"support_image": images[0], "support_mask": masks[0].long(),
                 "query_image": images[1], "query_label": masks[1].long(), "index": torch.tensor(index)}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        index = self.start + worker
-        while True:
-            yield self.episode(index)
-            index += workers

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from napari_densemp.devices import pick_device
 from napari_densemp.network import FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile
 from src_data.datasets import PreparedScan, ScanRecord, find_scans, prepare_scan
@@ -19,7 +18,7 @@ from src_data.phantoms import write_cohort
 from src_data.splits import split_scans
 
 from .episodes import SuperpixelEpisodes
-from .loop import LAST, OptimConfig, RunInfo, train_episodes
+from .loop import Distributed, OptimConfig, RunInfo, data_loader, resume_step, train
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,7 @@ class Stage2Config:
     batch: int = 1
     workers: int = 0
     device: str = "auto"
+    init_backbone: Path | None = None  # stage-1 export or torchvision ResNet weights
 
 
 def collect_scans(config: Stage2Config) -> list[ScanRecord]:
@@ -64,25 +64,50 @@ def prepare_all(records: Sequence[ScanRecord], profile: PreprocessingProfile, ca
     return [prepare_scan(r, profile, cache_dir) for r in tqdm(records, desc="superpixels", unit="scan")]
 
 
+def episode_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """An episode batch as FewShotSegmenter's forward arguments on ``device``."""
+    fmt = torch.channels_last
+    return (batch["support_image"].to(device, non_blocking=True).contiguous(memory_format=fmt),
+            batch["support_mask"].to(device, non_blocking=True),
+            batch["query_image"].to(device, non_blocking=True).contiguous(memory_format=fmt),
+            batch["query_label"].to(device, non_blocking=True))
+
+
+def load_backbone(model: FewShotSegmenter, path: str | Path) -> None:
+    """Backbone weights by torchvision name from a stage-1 export, a napari-densemp checkpoint
+    or a torchvision ResNet file; heads (``fc``) are ignored, any other mismatch is an error."""
+    from napari_densemp.checkpoint import load_checkpoint
+    from napari_densemp.errors import DenseMPError
+
+    path = Path(path)
+    try:
+        weights = {k.removeprefix("backbone."): v for k, v in load_checkpoint(path).state_dict.items()
+                   if k.startswith("backbone.")}
+    except DenseMPError:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+        weights = {k.removeprefix("module."): v for k, v in raw.items() if not k.startswith("fc.")}
+    missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise DenseMPError(f"{path} does not fit the backbone ({model.config.depth}, last layer "
+                           f"{model.config.last_layer}): missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
 def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
+    dist = Distributed.setup(config.device)
     records = collect_scans(config)
     scans = prepare_all(records, config.profile, config.run_dir / "prepared")
     torch.manual_seed(config.seed)  # before building: the initial weights are part of the run
     model = FewShotSegmenter(config.network)
-    last = config.run_dir / LAST
-    start = 0
-    if resume and last.is_file():
-        from napari_densemp.checkpoint import load_checkpoint
-
-        start = int(load_checkpoint(last).training["iteration"])
-    dataset = SuperpixelEpisodes(scans, crop=config.crop, seed=config.seed, start=start * config.batch,
+    if config.init_backbone is not None:
+        load_backbone(model, config.init_backbone)
+    start = resume_step(config.run_dir) if resume else 0
+    dataset = SuperpixelEpisodes(scans, crop=config.crop, seed=config.seed,
                                  excluded_classes=config.excluded_classes)
-    pin = pick_device(config.device).type == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch, num_workers=config.workers,
-                                         pin_memory=pin, persistent_workers=config.workers > 0)
+    loader = data_loader(dataset, start, config.batch, config.optim, dist, config.workers)
     info = RunInfo(stage="stage2", data=[r.name for r in records], seed=config.seed,
                    extra={"excluded_classes": config.excluded_classes, "episode_slices": len(dataset.slices),
-                          "batch": config.batch})
+                          "batch": config.batch, "init_backbone": str(config.init_backbone or "")})
     log.info("stage 2 on %d scans, %d usable slices", len(scans), len(dataset.slices))
-    return train_episodes(model, loader, config.profile, config.optim, config.run_dir, info,
-                          device=config.device, resume=resume)
+    return train(model, loader, episode_inputs, lambda m: m, config.profile, config.optim, config.run_dir, info,
+                 dist, resume=resume)

@@ -1,0 +1,126 @@
+"""Fine-tuning (DenseMP's addition): the stage-2 model, lr 1e-4, a mix of labelled episodes
+(p 0.25) and superpixel episodes (p 0.75).
+
+A labelled episode: the query is an augmented slice of a training scan holding the current
+training class, binarised to it; the support is the un-augmented slice of one fixed training
+scan picked by the 3-chunk rule (the query slice's chunk of its organ picks the matching
+chunk centre of the support's organ). Setting 2 drops every slice holding a test class from
+both kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_densemp.checkpoint import load_checkpoint
+from napari_densemp.engine import chunk_centres
+from src_data.datasets import PreparedScan
+
+from .augment import AugmentConfig, augment
+from .episodes import SuperpixelEpisodes, crop_or_pad
+from .loop import Distributed, OptimConfig, RunInfo, data_loader, resume_step, train
+from .stage2 import Stage2Config, collect_scans, episode_inputs, prepare_all
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneEpisodes(torch.utils.data.Dataset):
+    """Labelled (p ``labelled``) or superpixel episodes, addressed by index like stage 2's."""
+
+    def __init__(self, scans: Sequence[PreparedScan], crop: int = 256, seed: int = 0,
+                 excluded_classes: Sequence[int] = (), labelled: float = 0.25, chunks: int = 3,
+                 augment_config: AugmentConfig | None = None) -> None:
+        self.superpixel = SuperpixelEpisodes(scans, crop, seed, excluded_classes, augment_config)
+        self.scans, self.crop, self.seed, self.labelled, self.chunks = list(scans), crop, seed, labelled, chunks
+        self.augment_config = augment_config or AugmentConfig()
+        excluded = list(excluded_classes)
+        self.queries: dict[int, list[tuple[int, int]]] = {}
+        self.supports: dict[int, tuple[int, list[int]]] = {}  # class -> (fixed scan, its organ slices)
+        for s, scan in enumerate(self.scans):
+            if scan.label is None:
+                continue
+            flat = scan.label.reshape(len(scan.label), -1)
+            allowed = ~np.isin(flat, excluded).any(axis=1) if excluded else np.ones(len(flat), bool)
+            for value in np.unique(flat):
+                c = int(value)
+                if c == 0 or c in excluded:
+                    continue
+                organ = [int(z) for z in np.flatnonzero((flat == c).any(axis=1) & allowed)]
+                if not organ:
+                    continue
+                if c not in self.supports:
+                    self.supports[c] = (s, organ)  # the first scan holding the class is its fixed support
+                else:
+                    self.queries.setdefault(c, []).extend((s, z) for z in organ)
+        self.classes = sorted(c for c in self.queries if c in self.supports)
+        if labelled > 0 and not self.classes:
+            raise ValueError("fine-tuning needs at least two labelled training scans sharing a class")
+
+    def __len__(self) -> int:
+        return len(self.superpixel.slices)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.episode(int(index))
+
+    def episode(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index, 7])
+        if rng.random() >= self.labelled:
+            return {**self.superpixel.episode(index), "labelled": torch.tensor(False)}
+        c = self.classes[rng.integers(len(self.classes))]
+        scan_i, z = self.queries[c][rng.integers(len(self.queries[c]))]
+        query_scan = self.scans[scan_i]
+        organ = [zz for (ss, zz) in self.queries[c] if ss == scan_i]
+        chunk = min(int(self.chunks * organ.index(z) / len(organ)), self.chunks - 1)
+        support_i, support_organ = self.supports[c]
+        centres = chunk_centres(support_organ, self.chunks)
+        support_z = centres[min(chunk, len(centres) - 1)]
+        support_scan = self.scans[support_i]
+        s_mask = (support_scan.label[support_z] == c).astype(np.uint8)
+        q_mask = (query_scan.label[z] == c).astype(np.uint8)
+        s_image, s_mask = crop_or_pad(support_scan.image[support_z].astype(np.float32), s_mask,
+                                      _centre(s_mask), self.crop, rng)
+        q_image, q_mask = crop_or_pad(query_scan.image[z].astype(np.float32), q_mask, _centre(q_mask), self.crop, rng)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        q_images, q_masks = augment(torch.from_numpy(q_image)[None, None], torch.from_numpy(q_mask)[None],
+                                    self.augment_config, generator)
+        return {"support_image": torch.from_numpy(s_image)[None], "support_mask": torch.from_numpy(s_mask).long(),
+                "query_image": q_images[0], "query_label": q_masks[0].long(), "index": torch.tensor(index),
+                "labelled": torch.tensor(True)}
+
+
+def _centre(mask: np.ndarray) -> tuple[float, float]:
+    return tuple(float(v.mean()) for v in np.nonzero(mask))
+
+
+@dataclass
+class FinetuneConfig:
+    stage2: Path = Path("runs/stage2/last.pt")  # the checkpoint fine-tuning starts from
+    data: Stage2Config = field(default_factory=Stage2Config)  # scans (with labels), split, crop, workers
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(iterations=5100, lr=1e-4))
+    labelled: float = 0.25
+
+
+def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
+    dist = Distributed.setup(config.data.device)
+    start_from = load_checkpoint(config.stage2)
+    model = start_from.build_model()
+    records = collect_scans(config.data)
+    scans = prepare_all(records, start_from.preprocessing, config.data.run_dir / "prepared")
+    dataset = FinetuneEpisodes(scans, config.data.crop, config.data.seed, config.data.excluded_classes,
+                               config.labelled)
+    start = resume_step(config.data.run_dir) if resume else 0
+    loader = data_loader(dataset, start, config.data.batch, config.optim, dist, config.data.workers)
+    info = RunInfo(stage="finetune", data=[r.name for r in records], seed=config.data.seed,
+                   extra={"from": str(config.stage2), "from_provenance": start_from.provenance,
+                          "classes": dataset.classes, "labelled_p": config.labelled,
+                          "excluded_classes": config.data.excluded_classes,
+                          "support_scans": {c: dataset.scans[s].name for c, (s, _) in dataset.supports.items()}})
+    log.info("fine-tuning on %d scans, classes %s", len(scans), dataset.classes)
+    return train(model, loader, episode_inputs, lambda m: m, start_from.preprocessing, config.optim,
+                 config.data.run_dir, info, dist, resume=resume)
