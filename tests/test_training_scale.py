@@ -139,7 +139,7 @@ def test_finetune_episodes_mix_labelled_and_superpixel_and_respect_setting_2():
     for scan in scans:  # two labelled classes on every scan: 1 on slices 1-3, 3 on slice 2 only
         scan.label[1:4, 30:40, 30:40] = 1
     dataset = FinetuneEpisodes(scans, crop=32, seed=2, labelled=0.5)
-    assert dataset.classes == [1, 3] and dataset.supports[1] == (0, [1, 2, 3])
+    assert dataset.classes == [("", 1), ("", 3)] and dataset.supports[("", 1)] == (0, [1, 2, 3])
     episodes = [dataset.episode(i) for i in range(40)]
     labelled = [e for e in episodes if e["labelled"]]
     assert 10 <= len(labelled) <= 30  # about half of them
@@ -148,9 +148,12 @@ def test_finetune_episodes_mix_labelled_and_superpixel_and_respect_setting_2():
         assert int(e["support_mask"].sum()) in (25, 100)
         assert 15 <= int(e["query_label"].sum()) <= 170  # augmented: scale 0.9-1.2 (area x1.44), elastic
     excluded = FinetuneEpisodes(scans, crop=32, seed=2, excluded_classes=[3], labelled=0.5)
-    assert excluded.classes == [1]
+    assert excluded.classes == [("", 1)]
     assert all(z != 2 for c in excluded.queries for _, z in excluded.queries[c])  # slice 2 holds class 3
-    assert 2 not in excluded.supports[1][1]
+    assert 2 not in excluded.supports[("", 1)][1]
+    # label values name classes within a data set only: two sets' 1s are two classes
+    split = FinetuneEpisodes(scans + scans, crop=32, seed=2, groups=["a", "a", "b", "b"])
+    assert split.classes == [("a", 1), ("a", 3), ("b", 1), ("b", 3)] and split.supports[("b", 1)][0] == 2
 
 
 @pytest.mark.slow
@@ -167,7 +170,8 @@ def test_cli_chains_stage1_stage2_and_finetune(image_folder, tmp_path):
                        str(tmp_path / "ft"), "--iterations", "2", "--crop", "64", "--labelled", "0.5",
                        *tiny[4:]]) == 0
     tuned = load_checkpoint(tmp_path / "ft" / "last.pt")
-    assert tuned.provenance["stage"] == "finetune" and tuned.provenance["classes"] == [1, 2, 3, 6]
+    assert tuned.provenance["stage"] == "finetune"
+    assert [c.split(":")[1] for c in tuned.provenance["classes"]] == ["1", "2", "3", "6"]
     assert tuned.provenance["from_provenance"]["init_backbone"].endswith("s1/last.pt")
     assert tuned.network.feature_dim == 16
     assert tuned.provenance["optim"]["lr"] == 1e-4

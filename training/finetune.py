@@ -35,23 +35,26 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
 
     def __init__(self, scans: Sequence[PreparedScan], crop: int = 256, seed: int = 0,
                  excluded_classes: Sequence[int] = (), labelled: float = 0.25, chunks: int = 3,
-                 augment_config: AugmentConfig | None = None) -> None:
+                 augment_config: AugmentConfig | None = None, groups: Sequence[str] | None = None) -> None:
+        """``groups``: the data set of each scan; label values name a class only within a group
+        (CHAOS' 1 is the liver, OpenKBP's the brainstem)."""
         self.superpixel = SuperpixelEpisodes(scans, crop, seed, excluded_classes, augment_config)
         self.scans, self.crop, self.seed, self.labelled, self.chunks = list(scans), crop, seed, labelled, chunks
         self.augment_config = augment_config or AugmentConfig()
         excluded = list(excluded_classes)
-        self.queries: dict[int, list[tuple[int, int]]] = {}
-        self.supports: dict[int, tuple[int, list[int]]] = {}  # class -> (fixed scan, its organ slices)
+        groups = list(groups) if groups is not None else [""] * len(self.scans)
+        self.queries: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        self.supports: dict[tuple[str, int], tuple[int, list[int]]] = {}  # class -> (fixed scan, organ slices)
         for s, scan in enumerate(self.scans):
             if scan.label is None:
                 continue
             flat = scan.label.reshape(len(scan.label), -1)
             allowed = ~np.isin(flat, excluded).any(axis=1) if excluded else np.ones(len(flat), bool)
             for value in np.unique(flat):
-                c = int(value)
-                if c == 0 or c in excluded:
+                if int(value) == 0 or int(value) in excluded:
                     continue
-                organ = [int(z) for z in np.flatnonzero((flat == c).any(axis=1) & allowed)]
+                c = (groups[s], int(value))
+                organ = [int(z) for z in np.flatnonzero((flat == c[1]).any(axis=1) & allowed)]
                 if not organ:
                     continue
                 if c not in self.supports:
@@ -73,6 +76,7 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
         if rng.random() >= self.labelled:
             return {**self.superpixel.episode(index), "labelled": torch.tensor(False)}
         c = self.classes[rng.integers(len(self.classes))]
+        value = c[1]
         scan_i, z = self.queries[c][rng.integers(len(self.queries[c]))]
         query_scan = self.scans[scan_i]
         organ = [zz for (ss, zz) in self.queries[c] if ss == scan_i]
@@ -81,8 +85,8 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
         centres = chunk_centres(support_organ, self.chunks)
         support_z = centres[min(chunk, len(centres) - 1)]
         support_scan = self.scans[support_i]
-        s_mask = (support_scan.label[support_z] == c).astype(np.uint8)
-        q_mask = (query_scan.label[z] == c).astype(np.uint8)
+        s_mask = (support_scan.label[support_z] == value).astype(np.uint8)
+        q_mask = (query_scan.label[z] == value).astype(np.uint8)
         s_image, s_mask = crop_or_pad(support_scan.image[support_z].astype(np.float32), s_mask,
                                       _centre(s_mask), self.crop, rng)
         q_image, q_mask = crop_or_pad(query_scan.image[z].astype(np.float32), q_mask, _centre(q_mask), self.crop, rng)
@@ -113,14 +117,16 @@ def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
     records = collect_scans(config.data)
     scans = prepare_all(records, start_from.preprocessing, config.data.run_dir / "prepared")
     dataset = FinetuneEpisodes(scans, config.data.crop, config.data.seed, config.data.excluded_classes,
-                               config.labelled)
+                               config.labelled, groups=[str(r.image.parent) for r in records])
     start = resume_step(config.data.run_dir) if resume else 0
     loader = data_loader(dataset, start, config.data.batch, config.optim, dist, config.data.workers)
     info = RunInfo(stage="finetune", data=[r.name for r in records], seed=config.data.seed,
                    extra={"from": str(config.stage2), "from_provenance": start_from.provenance,
-                          "classes": dataset.classes, "labelled_p": config.labelled,
+                          "classes": [f"{Path(g).name}:{v}" for g, v in dataset.classes],
+                          "labelled_p": config.labelled,
                           "excluded_classes": config.data.excluded_classes,
-                          "support_scans": {c: dataset.scans[s].name for c, (s, _) in dataset.supports.items()}})
+                          "support_scans": {f"{Path(g).name}:{v}": dataset.scans[s].name
+                                            for (g, v), (s, _) in dataset.supports.items()}})
     log.info("fine-tuning on %d scans, classes %s", len(scans), dataset.classes)
     return train(model, loader, episode_inputs, lambda m: m, start_from.preprocessing, config.optim,
                  config.data.run_dir, info, dist, resume=resume)
