@@ -41,14 +41,44 @@ def _has_preamble(path: Path) -> bool:
         return False
 
 
+def sorted_series_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of the largest series in ``folder``, in spatial order (the volume's slices)."""
+    return [path for path, _ in _sorted_series(Path(folder))[0]]
+
+
 def read_dicom_series(folder: str | os.PathLike) -> Scan:
     """The largest image series in ``folder`` as a (columns, rows, slices) volume with its affine.
 
     Pixel values are rescaled (CT: Hounsfield units).
     """
+    files, positions, first, along_row, along_column = _sorted_series(Path(folder))
+    slices = []
+    for path, _ in files:
+        ds = pydicom.dcmread(path)
+        if tuple(ds.ImageOrientationPatient) != tuple(first.ImageOrientationPatient):
+            raise DenseMPError(f"{path.name} is oriented differently from the rest of its series.")
+        pixels = ds.pixel_array.astype(np.float32)
+        if pixels.shape != (int(first.Rows), int(first.Columns)):
+            raise DenseMPError(f"{path.name} has a different image size from the rest of its series.")
+        slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
+        slices.append(pixels * slope + intercept)
+    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
+
+    row_mm, column_mm = (float(v) for v in first.PixelSpacing)  # between rows, between columns
+    step = (positions[-1] - positions[0]) / (len(files) - 1)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = along_row * column_mm  # column index moves along a row
+    affine_lps[:3, 1] = along_column * row_mm
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = positions[0]
+    return Scan(data=volume, affine=LPS_TO_RAS @ affine_lps, header=None, path=Path(folder))
+
+
+def _sorted_series(folder: Path):
+    """(files with headers, positions, first header, row and column directions) of the largest
+    series, sorted along the slice normal; errors name what is wrong with the series."""
     if pydicom is None:
         raise DenseMPError('Reading DICOM needs pydicom: pip install "napari-densemp[dicom]".')
-    folder = Path(folder)
     if not folder.is_dir():
         raise DenseMPError(f"Not a folder: {folder}")
     series: dict[str, list] = defaultdict(list)
@@ -81,23 +111,4 @@ def read_dicom_series(folder: str | os.PathLike) -> Scan:
         raise DenseMPError(f"The DICOM series in {folder} has uneven slice gaps "
                            f"({gaps.min():.2f}-{gaps.max():.2f} mm): missing slices?")
 
-    slices = []
-    for path, _ in files:
-        ds = pydicom.dcmread(path)
-        if tuple(ds.ImageOrientationPatient) != tuple(first.ImageOrientationPatient):
-            raise DenseMPError(f"{path.name} is oriented differently from the rest of its series.")
-        pixels = ds.pixel_array.astype(np.float32)
-        if pixels.shape != (int(first.Rows), int(first.Columns)):
-            raise DenseMPError(f"{path.name} has a different image size from the rest of its series.")
-        slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
-        slices.append(pixels * slope + intercept)
-    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
-
-    row_mm, column_mm = (float(v) for v in first.PixelSpacing)  # between rows, between columns
-    step = (positions[-1] - positions[0]) / (len(files) - 1)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = along_row * column_mm  # column index moves along a row
-    affine_lps[:3, 1] = along_column * row_mm
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = positions[0]
-    return Scan(data=volume, affine=LPS_TO_RAS @ affine_lps, header=None, path=folder)
+    return files, positions, first, along_row, along_column

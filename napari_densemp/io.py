@@ -120,10 +120,14 @@ class Geometry:
 
     @property
     def display_spacing(self) -> tuple[float, float, float]:
-        spacing = [0.0, 0.0, 0.0]
+        return self._display_order(self.stored_spacing)
+
+    def _display_order(self, values: tuple) -> tuple:
+        """Per-axis values of the stored grid, in display axis order."""
+        out = [values[0]] * 3
         for stored_axis, (display_axis, _) in enumerate(self.to_display):
-            spacing[int(display_axis)] = self.stored_spacing[stored_axis]
-        return tuple(spacing)
+            out[int(display_axis)] = values[stored_axis]
+        return tuple(out)
 
     def display(self, data: np.ndarray) -> np.ndarray:
         """Stored array -> display array (a view: no copy)."""
@@ -137,10 +141,7 @@ class Geometry:
 
     @property
     def display_shape(self) -> tuple[int, int, int]:
-        shape = [0, 0, 0]
-        for stored_axis, (display_axis, _) in enumerate(self.to_display):
-            shape[int(display_axis)] = self.stored_shape[stored_axis]
-        return tuple(shape)
+        return self._display_order(self.stored_shape)
 
     def _to_stored(self) -> np.ndarray:
         inverse = np.zeros_like(self.to_display)

@@ -225,12 +225,17 @@ class OneShotWidget(Container):
 
     def run(self) -> None:
         """Propagate in a background thread; errors become notifications, never dialogs."""
+        request = self._checked_request()
+        if request is not None:
+            self._start(self._compute, self._on_result, request)
+
+    def _checked_request(self) -> _Request | None:
+        """The inputs, or None after telling the user what is wrong with them."""
         try:
-            request = self._request()
+            return self._request()
         except DenseMPError as exc:
             self._notify_error(str(exc))
-            return
-        self._start(self._compute, self._on_result, request)
+            return None
 
     def _start(self, compute, on_result, request) -> None:
         """Run ``compute(request, run)`` in a thread_worker; ``on_result(request, result, seconds)``."""
@@ -387,10 +392,8 @@ class OneShotWidget(Container):
 
     def segment_open_images(self) -> None:
         """The painted structure, found and segmented in every other open 3D image layer."""
-        try:
-            request = self._request()
-        except DenseMPError as exc:
-            self._notify_error(str(exc))
+        request = self._checked_request()
+        if request is None:
             return
         others = [layer for layer in self.viewer.layers if layer.__class__.__name__ == "Image"
                   and layer is not request.image_layer and layer.ndim == 3 and not layer.rgb]

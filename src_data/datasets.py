@@ -122,7 +122,9 @@ def prepare_scan(record: ScanRecord, profile: PreprocessingProfile, cache_dir: s
     """
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"{record.name}-{_cache_key(record, profile, min_size)}.npz"
+        name = f"{record.name}-{_cache_key(record, profile, min_size)}.npz"
+        beside = record.image.parent / "superpixels" / name  # written by densemp-train prepare
+        cache = beside if beside.is_file() else Path(cache_dir) / name
         if cache.is_file():
             with np.load(cache) as data:
                 return PreparedScan(record.name, data["image"], data["superpixels"],

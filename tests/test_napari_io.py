@@ -91,7 +91,7 @@ def _write_dicom_series(folder, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    folder.mkdir()
+    folder.mkdir(parents=True)
     series = generate_uid()
     n = volume_crs.shape[2]
     order = np.random.default_rng(3).permutation(n) if shuffle else np.arange(n)

@@ -1,6 +1,7 @@
 """``densemp-train``: headless training of DenseMP models.
 
-Sub-commands: ``stage1`` (dense contrastive pre-training of the backbone), ``stage2``
+Sub-commands: ``prepare`` (raw downloads to training data), ``stage1`` (dense contrastive
+pre-training of the backbone), ``evaluate`` and ``reproduce`` (the paper's protocols), ``stage2``
 (superpixel self-supervision), ``finetune`` (labelled + superpixel episodes) and ``export``
 (a lean, shippable checkpoint from a training run). Every stage runs on CPU or CUDA, resumes
 from its run folder, and scales over GPUs and nodes with ``torchrun``:
@@ -105,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--labelled", type=float, default=0.25, help="share of labelled episodes")
     _run_args(ft, iterations=5100, lr=1e-4, checkpoint_every=500)
 
+    pr = sub.add_parser("prepare", help="prepare a raw download (Synapse Abd-CT, CHAOS MR, ROCO)")
+    pr.add_argument("kind", choices=["synapse", "chaos", "roco"])
+    pr.add_argument("raw", type=Path, help="the folder the download was unpacked to")
+    pr.add_argument("out", type=Path, help="where image_N/label_N.nii.gz, superpixels and classes.json go")
+    pr.add_argument("--workers", type=int, default=0, help="parallel processes")
+
+    ev = sub.add_parser("evaluate", help="the paper's protocol and the oracle-free one, as tables")
+    ev.add_argument("--data", type=Path, required=True, help="prepared scans with labels")
+    ev.add_argument("--checkpoint", required=True,
+                    help="a checkpoint, 'default', or a pattern with {fold} for one model per fold")
+    ev.add_argument("--modality", choices=["ct", "mri"], required=True, help="fold boundaries and organ names")
+    ev.add_argument("--organs", type=int, nargs="+", help="label values (default: all four)")
+    ev.add_argument("--folds", type=int, default=5)
+    ev.add_argument("--out", type=Path, required=True, help="table.md, table.csv, scans.csv")
+    ev.add_argument("--device", default="auto")
+
+    rp = sub.add_parser("reproduce", help="train every fold of a preset and write the paper's tables")
+    rp.add_argument("preset", choices=["paper-ct", "paper-mri", "cpu-chaos", "cpu-phantoms"])
+    rp.add_argument("--data", type=Path, help="prepared scans with labels (not for cpu-phantoms)")
+    rp.add_argument("--out", type=Path, required=True)
+    rp.add_argument("--device", default="auto")
+    rp.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    rp.add_argument("--workers", type=int, default=0)
+
     ex = sub.add_parser("export", help="strip the training state from a checkpoint (float16 weights)")
     ex.add_argument("checkpoint", type=Path)
     ex.add_argument("out", type=Path)
@@ -145,6 +170,39 @@ def main(argv: list[str] | None = None) -> int:
             config = FinetuneConfig(stage2=args.checkpoint, data=_stage2_config(args), optim=_optim(args),
                                     labelled=args.labelled)
             print(f"fine-tuned checkpoint: {run_finetune(config, resume=not args.fresh)}")
+        elif args.command == "prepare":
+            from src_data.prepare import prepare_dataset
+
+            results = prepare_dataset(args.kind, args.raw, args.out, workers=args.workers)
+            failed = {name: r["error"] for name, r in results.items() if "error" in r}
+            print(f"prepared {len(results) - len(failed)} of {len(results)} into {args.out}"
+                  + "".join(f"\n  {name}: {error}" for name, error in failed.items()))
+            return 3 if failed else 0
+        elif args.command == "evaluate":
+            from napari_densemp.engine import load_model
+
+            from .evaluate import ORGAN_NAMES, evaluate, markdown_table, write_reports
+
+            names = ORGAN_NAMES[args.modality]
+            models = {}
+
+            def model_for(fold: int):
+                path = args.checkpoint.replace("{fold}", str(fold))
+                if path not in models:
+                    models.clear()
+                    models[path] = load_model(path, args.device)
+                return models[path]
+
+            rows = evaluate(args.data, model_for, args.organs or sorted(names), folds=args.folds)
+            if not rows:
+                raise DenseMPError(f"nothing to score in {args.data}: no labelled scans with those organs")
+            title = f"{args.data.name}, {args.folds} folds, checkpoint {args.checkpoint}"
+            write_reports(rows, args.out, names, title)
+            print(markdown_table(rows, names, title))
+        elif args.command == "reproduce":
+            from .reproduce import PRESETS, reproduce
+
+            reproduce(PRESETS[args.preset], args.out, args.data, args.device, args.amp, args.workers)
         elif args.command == "export":
             from napari_densemp.checkpoint import load_checkpoint, save_checkpoint
 

@@ -35,9 +35,11 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
 
     def __init__(self, scans: Sequence[PreparedScan], crop: int = 256, seed: int = 0,
                  excluded_classes: Sequence[int] = (), labelled: float = 0.25, chunks: int = 3,
-                 augment_config: AugmentConfig | None = None, groups: Sequence[str] | None = None) -> None:
+                 augment_config: AugmentConfig | None = None, groups: Sequence[str] | None = None,
+                 hidden_classes: Sequence[int] = ()) -> None:
         """``groups``: the data set of each scan; label values name a class only within a group
-        (CHAOS' 1 is the liver, OpenKBP's the brainstem)."""
+        (CHAOS' 1 is the liver, OpenKBP's the brainstem). ``hidden_classes`` (the test classes)
+        are never labelled episodes; their slices stay unless ``excluded_classes`` drops them."""
         self.superpixel = SuperpixelEpisodes(scans, crop, seed, excluded_classes, augment_config)
         self.scans, self.crop, self.seed, self.labelled, self.chunks = list(scans), crop, seed, labelled, chunks
         self.augment_config = augment_config or AugmentConfig()
@@ -51,7 +53,7 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
             flat = scan.label.reshape(len(scan.label), -1)
             allowed = ~np.isin(flat, excluded).any(axis=1) if excluded else np.ones(len(flat), bool)
             for value in np.unique(flat):
-                if int(value) == 0 or int(value) in excluded:
+                if int(value) == 0 or int(value) in excluded or int(value) in hidden_classes:
                     continue
                 c = (groups[s], int(value))
                 organ = [int(z) for z in np.flatnonzero((flat == c[1]).any(axis=1) & allowed)]
@@ -115,9 +117,10 @@ def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
     start_from = load_checkpoint(config.stage2)
     model = start_from.build_model()
     records = collect_scans(config.data)
-    scans = prepare_all(records, start_from.preprocessing, config.data.run_dir / "prepared")
+    scans = prepare_all(records, start_from.preprocessing, config.data.prepared_dir)
     dataset = FinetuneEpisodes(scans, config.data.crop, config.data.seed, config.data.excluded_classes,
-                               config.labelled, groups=[str(r.image.parent) for r in records])
+                               config.labelled, groups=[str(r.image.parent) for r in records],
+                               hidden_classes=config.data.hidden_classes)
     start = resume_step(config.data.run_dir) if resume else 0
     loader = data_loader(dataset, start, config.data.batch, config.optim, dist, config.data.workers)
     info = RunInfo(stage="finetune", data=[r.name for r in records], seed=config.data.seed,

@@ -40,6 +40,12 @@ class Stage2Config:
     workers: int = 0
     device: str = "auto"
     init_backbone: Path | None = None  # stage-1 export or torchvision ResNet weights
+    cache_dir: Path | None = None  # prepared scans (superpixels); default: the run folder's
+    hidden_classes: list[int] = field(default_factory=list)  # fine-tuning: never a labelled class (test classes)
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.cache_dir or self.run_dir / "prepared"
 
 
 def collect_scans(config: Stage2Config) -> list[ScanRecord]:
@@ -96,7 +102,7 @@ def load_backbone(model: FewShotSegmenter, path: str | Path) -> None:
 def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
     dist = Distributed.setup(config.device)
     records = collect_scans(config)
-    scans = prepare_all(records, config.profile, config.run_dir / "prepared")
+    scans = prepare_all(records, config.profile, config.prepared_dir)
     torch.manual_seed(config.seed)  # before building: the initial weights are part of the run
     model = FewShotSegmenter(config.network)
     if config.init_backbone is not None:
