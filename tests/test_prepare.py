@@ -59,7 +59,7 @@ def test_a_malformed_synapse_case_is_named_and_the_others_prepared(tmp_path):
     _synapse(tmp_path / "raw")
     write_nifti(tmp_path / "raw" / "label" / "label0002.nii.gz", np.zeros((5, 5, 5), np.uint8), np.eye(4),
                 overwrite=True)
-    results = prepare_dataset("synapse", tmp_path / "raw", tmp_path / "out")
+    results = prepare_dataset("synapse", tmp_path / "raw", tmp_path / "out", workers=2)  # in parallel
     assert "error" not in results["image_1"]
     assert "shape (5, 5, 5) differs" in results["image_2"]["error"]
     with pytest.raises(DenseMPError, match="Synapse"):
