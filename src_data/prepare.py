@@ -21,6 +21,7 @@ import csv
 import io as _io
 import json
 import logging
+import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -216,7 +217,8 @@ def prepare_dataset(kind: str, raw: str | Path, out_dir: str | Path, workers: in
     out_dir.mkdir(parents=True, exist_ok=True)
     profile = profile or PreprocessingProfile()
     results: dict[str, dict] = {}
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    # spawned, not forked: a fork of a process whose torch/OpenMP threads are running can deadlock
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     try:
         futures = {case.number: (pool.submit(_prepare_one, kind, case, out_dir, profile) if pool else None)
                    for case in cases}
