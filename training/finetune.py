@@ -45,6 +45,7 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
         self.augment_config = augment_config or AugmentConfig()
         excluded = list(excluded_classes)
         groups = list(groups) if groups is not None else [""] * len(self.scans)
+        self._organ: dict[tuple, list[int]] = {}  # (class, query scan) -> its organ slices
         self.queries: dict[tuple[str, int], list[tuple[int, int]]] = {}
         self.supports: dict[tuple[str, int], tuple[int, list[int]]] = {}  # class -> (fixed scan, organ slices)
         for s, scan in enumerate(self.scans):
@@ -63,6 +64,7 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
                     self.supports[c] = (s, organ)  # the first scan holding the class is its fixed support
                 else:
                     self.queries.setdefault(c, []).extend((s, z) for z in organ)
+                    self._organ[(c, s)] = organ
         self.classes = sorted(c for c in self.queries if c in self.supports)
         if labelled > 0 and not self.classes:
             raise ValueError("fine-tuning needs at least two labelled training scans sharing a class")
@@ -81,7 +83,7 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
         value = c[1]
         scan_i, z = self.queries[c][rng.integers(len(self.queries[c]))]
         query_scan = self.scans[scan_i]
-        organ = [zz for (ss, zz) in self.queries[c] if ss == scan_i]
+        organ = self._organ[(c, scan_i)]
         chunk = min(int(self.chunks * organ.index(z) / len(organ)), self.chunks - 1)
         support_i, support_organ = self.supports[c]
         centres = chunk_centres(support_organ, self.chunks)
