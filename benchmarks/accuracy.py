@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {f.name: (bool(v) if f.type == "bool" else v) for f in dataclasses.fields(PropagationOptions)
                  if (v := getattr(args, f.name)) is not None}
-    options = PropagationOptions(**overrides)
     model = load_model(args.model, args.device)
+    options = model.default_options(**overrides)
 
     if not (args.data or args.phantoms):
         parser.error("give --data or --phantoms")

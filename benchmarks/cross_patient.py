@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {f.name: (bool(v) if f.type == "bool" else v) for f in dataclasses.fields(PropagationOptions)
                  if (v := getattr(args, f.name)) is not None}
-    options = PropagationOptions(**overrides)
     model = load_model(args.model)
+    options = model.default_options(**overrides)
     queries = select_scans(args.data, args.phantoms, args.split, args.limit)
     # supports: the next scan in id order among all scans of the folder (circular)
     everyone = find_scans(queries[0].image.parent) if queries else []

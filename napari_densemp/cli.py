@@ -76,7 +76,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
                  label: int | None = None, axis: int = 2, modality: str = "auto", device: str = "auto",
                  between_painted: bool = False, overwrite: bool = False) -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary."""
-    from .engine import PropagationOptions, load_model, propagate
+    from .engine import load_model, propagate
 
     out_path = Path(out_path)
     for given in (image_path, painted_path):
@@ -97,7 +97,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     update, close = _progress_bar()
     try:
         result = propagate(volume, painted, model, spacing=scan.spacing, axis=axis, label=label,
-                           modality=modality, options=PropagationOptions(between_painted_only=between_painted),
+                           modality=modality, options=model.default_options(between_painted_only=between_painted),
                            progress=update)
     finally:
         close()

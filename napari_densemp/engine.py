@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -51,6 +51,17 @@ class Model:
     name: str
     provenance: dict = field(default_factory=dict)
     uses_bf16: bool = False  # bf16 autocast for the backbone: 3.8x faster on the AMX CPU measured
+
+    def default_options(self, **overrides) -> PropagationOptions:
+        """The engine's rules with this model's own tuning applied, then ``overrides``.
+
+        A checkpoint may carry, in ``provenance["propagation"]``, rule values chosen on its
+        training patients (the confidence floors depend on how sure a model is); unknown names
+        are ignored so old checkpoints and new engines keep working together.
+        """
+        known = {f.name for f in fields(PropagationOptions)}
+        tuned = {k: v for k, v in dict(self.provenance.get("propagation") or {}).items() if k in known}
+        return PropagationOptions(**{**tuned, **overrides})
 
 
 def default_model_path() -> Path:
@@ -448,7 +459,7 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     Returns:
         A :class:`PropagationResult` whose mask has exactly ``volume``'s shape.
     """
-    options = options or PropagationOptions()
+    options = options or model.default_options()
     volume, painted, axis = _check_inputs(volume, painted, spacing, axis)
     binary, label = _painted_binary(painted, label)
     _check_painting_axis(binary, axis)
@@ -545,7 +556,7 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     Returns a :class:`PropagationResult` on the query's grid; ``found_at`` holds the query
     slices where supports were anchored (empty when the structure was not found).
     """
-    options = options or PropagationOptions()
+    options = options or model.default_options()
     walk_options = replace(options, min_confidence=options.cross_min_confidence)
     support_volume, support_mask, axis = _check_inputs(support_volume, support_mask, support_spacing, axis,
                                                        "support image", "support mask")

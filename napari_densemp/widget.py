@@ -207,10 +207,10 @@ class OneShotWidget(Container):
 
     def _compute(self, request: _Request, run: int):
         """Runs in the worker thread: plain engine calls only."""
-        from .engine import PropagationOptions, propagate
+        from .engine import propagate
 
         model = self._load_model(request.model_source, request.device)
-        options = PropagationOptions(between_painted_only=request.between_painted_only)
+        options = model.default_options(between_painted_only=request.between_painted_only)
         volume, painted, spacing, axis = request.on_stored_grid()
         result = propagate(volume, painted, model, spacing=spacing, axis=axis, label=request.label,
                            options=options, cache=self._feature_cache,
@@ -405,7 +405,6 @@ class OneShotWidget(Container):
 
     def _compute_many(self, request: _Request, run: int) -> list:
         from .batch import segment_scan
-        from .engine import PropagationOptions
 
         model = self._load_model(request.model_source, request.device)
         support, axis = self._support(request)
@@ -414,7 +413,7 @@ class OneShotWidget(Container):
             self._relay.progressed.emit(run, i, len(request.targets), f"segmenting '{layer.name}'")
             scan, geometry = self._layer_scan(layer)
             try:
-                result = segment_scan(support, scan, model, axis, PropagationOptions(), self._feature_cache,
+                result = segment_scan(support, scan, model, axis, None, self._feature_cache,
                                       self._cancel_flag.is_set)
                 mask = geometry.display(result.mask) if geometry is not None else result.mask
                 results.append((layer, mask, result, ""))

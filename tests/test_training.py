@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from napari_densemp.checkpoint import load_checkpoint
+from napari_densemp.engine import PropagationOptions, load_model
 from napari_densemp.network import NetworkConfig
 from src_data.datasets import PreparedScan
 from training.augment import AugmentConfig, augment, random_grid
@@ -126,3 +127,14 @@ def test_train_cli_runs_and_exports(tmp_path, capsys):
     assert exported.training is None and exported.network.feature_dim == 16
     assert train_main(["export", str(run / "last.pt"), str(tmp_path / "model.pt")]) == 2
     assert "exists" in capsys.readouterr().err
+    # rules tuned for this model ride in the checkpoint and become the engine's defaults for it
+    assert train_main(["export", str(run / "last.pt"), str(tmp_path / "tuned.pt"),
+                       "--rule", "min_confidence=0.65", "seed_candidates=3", "calibrate_threshold=false"]) == 0
+    model = load_model(tmp_path / "tuned.pt", "cpu")
+    options = model.default_options(between_painted_only=True)
+    assert (options.min_confidence, options.seed_candidates, options.calibrate_threshold) == (0.65, 3, False)
+    assert options.between_painted_only and options.max_growth == PropagationOptions().max_growth
+    assert model.default_options(min_confidence=0.9).min_confidence == 0.9  # the caller's choice wins
+    assert load_model(tmp_path / "model.pt", "cpu").default_options() == PropagationOptions()
+    assert train_main(["export", str(run / "last.pt"), str(tmp_path / "bad.pt"), "--rule", "confidence=1"]) == 2
+    assert "min_confidence" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()

@@ -73,6 +73,26 @@ def test_contrastive_views_are_two_different_augmentations(image_folder):
     assert abs(float(a["view1"].mean())) < 1e-4 and abs(float(a["view1"].std()) - 1) < 1e-3
 
 
+def test_stage1_reads_scan_folders_like_stage2(tmp_path):
+    """Benchmark patients held out, OpenKBP's stored HU + 1024 windowed as CT, bad scans skipped."""
+    rng = np.random.default_rng(1)
+    ct = rng.normal(40, 30, (32, 32, 4)).astype(np.float32)
+    ct[:6] = -1000  # air around the body
+    chaos, openkbp = tmp_path / "chaos", tmp_path / "openkbp"
+    chaos.mkdir(), openkbp.mkdir()
+    for folder, name, volume in [(chaos, "image_1", ct), (chaos, "image_31", ct)] + [
+            (openkbp, f"pt_{k}_ct", ct + 1024) for k in range(1, 12)]:
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), chaos / "image_2.nii.gz")  # 2D
+    views = ContrastiveViews([chaos, openkbp], size=32, cache_dir=tmp_path / "cache")
+    assert sorted({p.name for p, _ in views.items}) == ["image_1.npy", "pt_1_ct.npy"]  # pt_2..11: the last 10
+    windowed = [np.load(tmp_path / "cache" / f"{n}.npy").astype(np.float32) for n in ("image_1", "pt_1_ct")]
+    np.testing.assert_allclose(windowed[0], windowed[1], atol=1e-3)  # the offset removed before the CT window
+    assert float(windowed[0][:, 6:].mean()) == pytest.approx((40 + 125) / 400, abs=0.02)
+    everything = ContrastiveViews([chaos], size=32, cache_dir=tmp_path / "cache", hold_out=False)
+    assert "image_31.npy" in {p.name for p, _ in everything.items}
+
+
 @pytest.mark.slow
 def test_stage1_resumes_exactly_and_its_backbone_loads_into_stage2(image_folder, tmp_path):
     sources = [image_folder / "roco", image_folder / "scan.nii.gz"]

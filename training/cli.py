@@ -77,6 +77,27 @@ def _stage2_config(args: argparse.Namespace, network=None):
     return config
 
 
+def parse_rules(items: list[str]) -> dict:
+    """``NAME=VALUE`` pairs naming fields of PropagationOptions, with values of their types."""
+    from dataclasses import fields
+
+    from napari_densemp.engine import PropagationOptions
+
+    types = {f.name: f.type for f in fields(PropagationOptions)}
+    rules = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise DenseMPError(f"--rule {item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
+        kind = types[name]
+        try:
+            rules[name] = (value.lower() in ("1", "true", "yes") if kind == "bool"
+                           else int(value) if kind == "int" else float(value))
+        except ValueError:
+            raise DenseMPError(f"--rule {item!r}: {value!r} is not a {kind}") from None
+    return rules
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densemp-train", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -89,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s1.add_argument("--init", type=Path, help="torchvision-format ResNet weights (e.g. ImageNet) to start from")
     s1.add_argument("--queue", type=int, default=65536)
     s1.add_argument("--dense-weight", type=float, default=0.5, help="lambda; 0: global loss only")
+    s1.add_argument("--no-hold-out", action="store_true",
+                    help="also train on the benchmark patients (CHAOS 31-39, last 10 OpenKBP)")
     _run_args(s1, iterations=10_000, lr=None, checkpoint_every=500)
     s1.add_argument("--depth", type=int, default=101, choices=[18, 34, 50, 101])
     s1.add_argument("--last-layer", type=int, default=4, choices=[3, 4])
@@ -135,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", type=Path)
     ex.add_argument("--full-precision", action="store_true")
     ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="propagation rules tuned for this model on its training patients, stored in the "
+                         "checkpoint (e.g. min_confidence=0.7); the engine's own defaults otherwise")
     return parser
 
 
@@ -150,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             lr = args.lr if args.lr is not None else default_lr(args.batch * args.accumulate * world)
             config = Stage1Config(
                 sources=args.images, run_dir=args.out, size=args.size, batch=args.batch, init=args.init,
-                seed=args.seed, workers=args.workers, device=args.device,
+                seed=args.seed, workers=args.workers, device=args.device, hold_out=not args.no_hold_out,
                 model=DenseCLConfig(depth=args.depth, last_layer=args.last_layer, queue=args.queue,
                                     dense_weight=args.dense_weight),
                 optim=_optim(args, lr=lr, schedule="cosine", weight_decay=1e-4))
@@ -209,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.out.exists() and not args.overwrite:
                 raise DenseMPError(f"{args.out} exists; pass --overwrite to replace it.")
             state = load_checkpoint(args.checkpoint)
-            save_checkpoint(args.out, state.build_model(), state.preprocessing, provenance=state.provenance,
+            provenance = dict(state.provenance)
+            if args.rule:
+                provenance["propagation"] = {**provenance.get("propagation", {}), **parse_rules(args.rule)}
+            save_checkpoint(args.out, state.build_model(), state.preprocessing, provenance=provenance,
                             half=not args.full_precision)
             print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     except (DenseMPError, ValueError) as exc:

@@ -22,9 +22,13 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from napari_densemp.io import is_nifti, read_nifti
+from napari_densemp.atomic import write_atomically
+from napari_densemp.errors import DenseMPError
+from napari_densemp.io import is_nifti
 from napari_densemp.network import DilatedResNet, FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile, detect_modality, window_intensities
+from src_data.datasets import ScanRecord, find_scans, load_scan
+from src_data.splits import split_scans
 
 from .loop import Distributed, OptimConfig, RunInfo, data_loader, resume_step, train
 
@@ -41,32 +45,42 @@ class ContrastiveViews(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources: list[Path], size: int = 224, seed: int = 0,
-                 profile: PreprocessingProfile | None = None, cache_dir: Path | None = None) -> None:
+                 profile: PreprocessingProfile | None = None, cache_dir: Path | None = None,
+                 hold_out: bool = True) -> None:
         self.size, self.seed = size, seed
         self.profile = profile or PreprocessingProfile()
         self.items: list[tuple[Path, int]] = []  # (file, slice or -1 for a 2D image)
         for source in sources:
             source = Path(source)
-            files = sorted(source.rglob("*")) if source.is_dir() else [source]
-            for path in files:
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    self.items.append((path, -1))
-                elif is_nifti(path) and "label" not in path.name and "oars" not in path.name:
-                    self.items += self._volume_slices(path, cache_dir or source / ".densemp-stage1")
+            if is_nifti(source):
+                records = [ScanRecord(source.name.split(".")[0], source, None)]
+            elif source.is_dir():
+                # scan folders through the dataset records: HU offsets applied, labels skipped and
+                # the project's benchmark patients held out, exactly as stage 2 reads them
+                records = (split_scans(source)[0] if hold_out else find_scans(source))
+                self.items += [(p, -1) for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            else:
+                records = []
+                if source.suffix.lower() in IMAGE_SUFFIXES:
+                    self.items.append((source, -1))
+            for record in records:
+                self.items += self._volume_slices(record, cache_dir or source.parent / ".densemp-stage1")
         if not self.items:
             raise ValueError(f"no images or NIfTI scans found in {[str(s) for s in sources]}")
 
-    def _volume_slices(self, path: Path, cache_dir: Path) -> list[tuple[Path, int]]:
+    def _volume_slices(self, record: ScanRecord, cache_dir: Path) -> list[tuple[Path, int]]:
         """Windowed slices (axis 2) of a scan, cached; near-empty slices (air) are skipped."""
-        cached = cache_dir / (path.name.split(".")[0] + ".npy")
+        cached = cache_dir / (record.name + ".npy")
         if not cached.is_file():
-            scan = read_nifti(path)
-            volume = np.asarray(scan.data, dtype=np.float32)
-            if volume.ndim != 3:
+            try:
+                volume = load_scan(record).volume
+            except (DenseMPError, OSError, ValueError) as exc:
+                log.warning("stage 1 skips %s: %s", record.image, exc)
                 return []
             windowed = window_intensities(volume, detect_modality(volume), self.profile)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cached, np.moveaxis(windowed, 2, 0).astype(np.float16))
+            write_atomically(cached, lambda tmp: np.save(tmp, np.moveaxis(windowed, 2, 0).astype(np.float16)),
+                             suffix=".npy")
         slices = np.load(cached, mmap_mode="r")
         keep = [k for k in range(len(slices)) if float(np.mean(slices[k] > 0.05)) > 0.05]
         return [(cached, k) for k in keep]
@@ -277,6 +291,7 @@ class Stage1Config:
     seed: int = 0
     workers: int = 0
     device: str = "auto"
+    hold_out: bool = True  # skip the project's benchmark patients in scan folders (src_data.splits)
 
 
 def view_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +308,7 @@ def default_lr(global_batch: int) -> float:
 def run_stage1(config: Stage1Config, resume: bool = True) -> Path:
     dist = Distributed.setup(config.device)
     dataset = ContrastiveViews(config.sources, config.size, config.seed, config.profile,
-                               cache_dir=config.run_dir / "slices")
+                               cache_dir=config.run_dir / "slices", hold_out=config.hold_out)
     torch.manual_seed(config.seed)
     model = DenseCL(config.model)
     if config.init is not None:
