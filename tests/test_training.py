@@ -138,3 +138,8 @@ def test_train_cli_runs_and_exports(tmp_path, capsys):
     assert load_model(tmp_path / "model.pt", "cpu").default_options() == PropagationOptions()
     assert train_main(["export", str(run / "last.pt"), str(tmp_path / "bad.pt"), "--rule", "confidence=1"]) == 2
     assert "min_confidence" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+    # the paper's vanilla PA-Net baseline is a configuration of the same network
+    assert train_main(["stage2", "--phantoms", "1", "--out", str(tmp_path / "vanilla"), "--iterations", "1",
+                       "--depth", "18", "--last-layer", "3", "--feature-dim", "16", "--crop", "64", "--amp", "off",
+                       "--device", "cpu", "--global-prototypes-only"]) == 0
+    assert load_checkpoint(tmp_path / "vanilla" / "last.pt").network.local_prototypes is False

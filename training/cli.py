@@ -25,6 +25,8 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-layer", type=int, default=4, choices=[3, 4],
                         help="cut the ResNet after this layer (3: light and fast)")
     parser.add_argument("--feature-dim", type=int, default=256)
+    parser.add_argument("--global-prototypes-only", action="store_true",
+                        help="vanilla PA-Net: one global prototype per class, no local prototypes")
 
 
 def _run_args(parser: argparse.ArgumentParser, iterations: int, lr: float | None, checkpoint_every: int) -> None:
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             from .stage2 import run_stage2
 
             config = _stage2_config(args, NetworkConfig(depth=args.depth, last_layer=args.last_layer,
-                                                        feature_dim=args.feature_dim))
+                                                        feature_dim=args.feature_dim,
+                                                        local_prototypes=not args.global_prototypes_only))
             config.init_backbone = args.init_backbone
             print(f"stage 2 checkpoint: {run_stage2(config, resume=not args.fresh)}")
         elif args.command == "finetune":
