@@ -62,6 +62,32 @@ def copy_baselines(truth: np.ndarray, z: int) -> tuple[float, float]:
     return dice(everywhere, truth), dice(everywhere & zs[None, None, :], truth)
 
 
+def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
+                     organs: list[int] | None = None):
+    """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
+    range, seconds), painting the organ's slice of largest area and scoring the whole volume."""
+    for record in records:
+        scan = load_scan(record)
+        if scan.label is None:
+            print(f"{record.name}: no label file, skipped", file=sys.stderr)
+            continue
+        cache = FeatureCache()
+        for organ in organs or [int(v) for v in np.unique(scan.label) if v]:
+            truth = scan.label == organ
+            if not truth.any():
+                continue
+            painted, z = paint_largest_slice(truth)
+            start = time.perf_counter()
+            result = propagate(scan.volume, painted.astype(np.uint8), model, spacing=scan.spacing, axis=2,
+                               options=options, cache=cache)
+            seconds = time.perf_counter() - start
+            zs = np.flatnonzero(truth.any(axis=(0, 1)))
+            all_copy, z_copy = copy_baselines(truth, z)
+            found = f"{result.slice_range[0]}-{result.slice_range[1]}" if result.slice_range else "-"
+            yield (record.name, organ, dice(result.mask, truth), all_copy, z_copy, found, f"{zs[0]}-{zs[-1]}",
+                   seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder of scans with labels")
@@ -87,29 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []
-    for record in records:
-        scan = load_scan(record)
-        if scan.label is None:
-            print(f"{record.name}: no label file, skipped", file=sys.stderr)
-            continue
-        organs = args.organs or [int(v) for v in np.unique(scan.label) if v]
-        cache = FeatureCache()
-        for organ in organs:
-            truth = scan.label == organ
-            if not truth.any():
-                continue
-            painted, z = paint_largest_slice(truth)
-            start = time.perf_counter()
-            result = propagate(scan.volume, painted.astype(np.uint8), model, spacing=scan.spacing, axis=2,
-                               options=options, cache=cache)
-            seconds = time.perf_counter() - start
-            zs = np.flatnonzero(truth.any(axis=(0, 1)))
-            all_copy, z_copy = copy_baselines(truth, z)
-            d = dice(result.mask, truth)
-            rows.append((organ, d, all_copy, z_copy))
-            rng = f"{result.slice_range[0]}-{result.slice_range[1]}" if result.slice_range else "-"
-            print(f"{record.name:<22}{organ:>6}{100 * d:>8.1f}{100 * all_copy:>10.1f}{100 * z_copy:>8.1f}"
-                  f"{rng:>12}{f'{zs[0]}-{zs[-1]}':>12}{seconds:>7.2f}", flush=True)
+    for row in in_volume_scores(records, model, options, args.organs):
+        name, organ, d, all_copy, z_copy, found, true_range, seconds = row
+        rows.append((organ, d, all_copy, z_copy))
+        print(f"{name:<22}{organ:>6}{100 * d:>8.1f}{100 * all_copy:>10.1f}{100 * z_copy:>8.1f}"
+              f"{found:>12}{true_range:>12}{seconds:>7.2f}", flush=True)
     if not rows:
         print("no labelled organ scored")
         return 1

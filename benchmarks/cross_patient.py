@@ -20,9 +20,39 @@ import numpy as np
 from accuracy import dice, paint_largest_slice, select_scans
 
 from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, segment_like
-from src_data.datasets import find_scans, load_scan
+from src_data.datasets import ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES
 from training.protocol import paper_protocol_mask
+
+
+def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationOptions,
+                         organs: list[int] | None = None, three_d: bool = True):
+    """Per query and organ: (query, support, organ, Dice with one painted slice, Dice with the 3D
+    support (NaN when skipped), paper-protocol Dice, range found, true range, seconds). The
+    support is the next scan in id order among all scans of the query's folder (circular)."""
+    everyone = find_scans(queries[0].image.parent) if queries else []
+    cache = FeatureCache(max_volumes=3)
+    for record in queries:
+        support_record = everyone[(everyone.index(record) + 1) % len(everyone)]
+        query, support = load_scan(record), load_scan(support_record)
+        for organ in organs or [int(v) for v in np.unique(query.label) if v]:
+            truth, support_truth = query.label == organ, support.label == organ
+            if not truth.any() or not support_truth.any():
+                continue
+            painted, _ = paint_largest_slice(support_truth)
+            start = time.perf_counter()
+            one = segment_like(support.volume, painted, query.volume, model, support.spacing, query.spacing,
+                               options=options, cache=cache)
+            seconds = time.perf_counter() - start
+            full = segment_like(support.volume, support_truth.astype(np.uint8), query.volume, model,
+                                support.spacing, query.spacing, options=options, cache=cache) if three_d else None
+            paper = paper_protocol_mask(model, support.volume, support_truth, query.volume, truth,
+                                        support.spacing, query.spacing, cache=cache)
+            zs = np.flatnonzero(truth.any(axis=(0, 1)))
+            found = f"{one.slice_range[0]}-{one.slice_range[1]}" if one.slice_range else "-"
+            yield (record.name, support_record.name, organ, dice(one.mask, truth),
+                   dice(full.mask, truth) if full else np.nan, dice(paper, truth), found, f"{zs[0]}-{zs[-1]}",
+                   seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,38 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     options = model.default_options(**overrides)
     queries = select_scans(args.data, args.phantoms, args.split, args.limit)
-    # supports: the next scan in id order among all scans of the folder (circular)
-    everyone = find_scans(queries[0].image.parent) if queries else []
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name}; options {options}")
     print(f"{'query':<16}{'support':<16}{'organ':>6}{'1 slice':>9}{'3D':>7}{'paper':>7}{'found':>10}"
           f"{'truth':>10}{'s':>6}")
     rows = []
-    cache = FeatureCache(max_volumes=3)
-    for record in queries:
-        support_record = everyone[(everyone.index(record) + 1) % len(everyone)]
-        query, support = load_scan(record), load_scan(support_record)
-        organs = args.organs or [int(v) for v in np.unique(query.label) if v]
-        for organ in organs:
-            truth, support_truth = query.label == organ, support.label == organ
-            if not truth.any() or not support_truth.any():
-                continue
-            painted, _ = paint_largest_slice(support_truth)
-            start = time.perf_counter()
-            one = segment_like(support.volume, painted, query.volume, model, support.spacing, query.spacing,
-                               options=options, cache=cache)
-            seconds = time.perf_counter() - start
-            full = None if args.skip_3d else segment_like(
-                support.volume, support_truth.astype(np.uint8), query.volume, model, support.spacing,
-                query.spacing, options=options, cache=cache)
-            paper = paper_protocol_mask(model, support.volume, support_truth, query.volume, truth,
-                                        support.spacing, query.spacing, cache=cache)
-            row = (organ, dice(one.mask, truth), dice(full.mask, truth) if full else np.nan, dice(paper, truth))
-            rows.append(row)
-            zs = np.flatnonzero(truth.any(axis=(0, 1)))
-            found = f"{one.slice_range[0]}-{one.slice_range[1]}" if one.slice_range else "-"
-            print(f"{record.name:<16}{support_record.name:<16}{organ:>6}{100 * row[1]:>9.1f}{100 * row[2]:>7.1f}"
-                  f"{100 * row[3]:>7.1f}{found:>10}{f'{zs[0]}-{zs[-1]}':>10}{seconds:>6.2f}", flush=True)
+    for row in cross_patient_scores(queries, model, options, args.organs, three_d=not args.skip_3d):
+        query_name, support_name, organ, one, full, paper, found, true_range, seconds = row
+        rows.append((organ, one, full, paper))
+        print(f"{query_name:<16}{support_name:<16}{organ:>6}{100 * one:>9.1f}{100 * full:>7.1f}"
+              f"{100 * paper:>7.1f}{found:>10}{true_range:>10}{seconds:>6.2f}", flush=True)
     if not rows:
         print("nothing scored")
         return 1

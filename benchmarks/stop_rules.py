@@ -32,8 +32,11 @@ RULES = {
     "clip 20mm + growth 1.5x + confidence 0.8": PropagationOptions(neighbour_margin_mm=20.0, max_growth=1.5),
     **{f"clip 10mm + growth 1.5x + confidence {c}": PropagationOptions(max_growth=1.5, min_confidence=c)
        for c in (0.7, 0.75, 0.8, 0.85)},
-    "clip 10mm + growth 1.2x + confidence 0.75": PropagationOptions(min_confidence=0.75),
-    "clip 10mm + growth 1.2x + confidence 0.8 (default)": PropagationOptions(),
+    # the confidence floor depends on how sure a model is: sweep it per model (export --rule)
+    **{f"clip 10mm + growth 1.2x + confidence {c}": PropagationOptions(min_confidence=c)
+       for c in (0.6, 0.65, 0.7, 0.75)},
+    "clip 10mm + growth 1.2x + confidence 0.8 (engine default)": PropagationOptions(),
+    "clip 10mm + growth 1.2x + confidence 0.85": PropagationOptions(min_confidence=0.85),
 }
 
 
