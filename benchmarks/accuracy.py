@@ -40,9 +40,9 @@ def paint_largest_slice(truth: np.ndarray, axis: int = 2) -> tuple[np.ndarray, i
 
 
 def select_scans(data: Path | None, phantoms: int, split: str, limit: int | None,
-                 first_seed: int = 100) -> list[ScanRecord]:
+                 first_seed: int = 100, names: list[str] | None = None) -> list[ScanRecord]:
     """The scans a benchmark scores: N CT and N MRI phantoms (seeds from ``first_seed``
-    and ``first_seed + 100``), or one split of a data folder."""
+    and ``first_seed + 100``), or one split of a data folder (only ``names`` if given)."""
     if phantoms:
         tmp = Path(tempfile.mkdtemp(prefix="densemp-bench-"))
         write_cohort(tmp, phantoms, "ct", first_seed=first_seed)
@@ -51,6 +51,8 @@ def select_scans(data: Path | None, phantoms: int, split: str, limit: int | None
     else:
         seen, held = split_scans(data)
         records = {"held-out": held, "seen": seen, "all": seen + held}[split]
+        if names:
+            records = [r for r in records if r.name in names]
     return records[:limit] if limit else records
 
 

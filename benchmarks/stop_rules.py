@@ -47,12 +47,13 @@ def main() -> int:
     parser.add_argument("--organs", type=int, nargs="*")
     parser.add_argument("--split", default="seen", choices=["seen", "held-out", "all"])
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--scans", nargs="*", help="only these scans of the split (e.g. a validation set)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--rules", nargs="*", help="score only the rules whose names contain one of these")
     args = parser.parse_args()
     rules = {name: o for name, o in RULES.items() if not args.rules or any(r in name for r in args.rules)}
     model = load_model(args.model, "auto")
-    records = select_scans(args.data, args.phantoms, args.split, args.limit, first_seed=300)
+    records = select_scans(args.data, args.phantoms, args.split, args.limit, first_seed=300, names=args.scans)
     scores: dict[str, list[tuple[int, float, int, int]]] = {name: [] for name in rules}
     for record in records:
         scan = load_scan(record)
