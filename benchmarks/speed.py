@@ -3,6 +3,7 @@
     python benchmarks/speed.py                 # 100 slices of 256x256: whole run, backbone, re-run
     python benchmarks/speed.py --memory        # + peak RSS at 512x512x300 (in a fresh process)
     python benchmarks/speed.py --fp32          # without bf16 autocast, for comparison
+    python benchmarks/speed.py --backbones 18:3 18:4 34:3 50:3   # candidate architectures
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from napari_densemp.engine import FeatureCache, compute_features, load_model, propagate
+from napari_densemp.devices import pick_device, use_bf16
+from napari_densemp.engine import FeatureCache, Model, compute_features, load_model, propagate
+from napari_densemp.network import FewShotSegmenter, NetworkConfig
+from napari_densemp.preprocessing import PreprocessingProfile
 from src_data.phantoms import LIVER, make_phantom
 
 
@@ -44,8 +48,16 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def speed(args: argparse.Namespace) -> None:
-    model = load_model(args.model, args.device, precision="fp32" if args.fp32 else "auto")
+def candidate(depth: int, last_layer: int, device: str, fp32: bool) -> Model:
+    """A backbone candidate with random weights: its speed is the architecture's, not the training's."""
+    dev = pick_device(device)
+    network = FewShotSegmenter(NetworkConfig(depth=depth, last_layer=last_layer)).eval()
+    return Model(network.to(dev).to(memory_format=torch.channels_last), PreprocessingProfile(), dev,
+                 f"ResNet-{depth} to layer{last_layer} (random weights)", uses_bf16=not fp32 and use_bf16(dev))
+
+
+def speed(args: argparse.Namespace, model: Model | None = None) -> None:
+    model = model or load_model(args.model, args.device, precision="fp32" if args.fp32 else "auto")
     image, painted, _ = phantom_volume((256, 256, 100))
     spacing = (model.profile.in_plane_spacing_mm, model.profile.in_plane_spacing_mm, 2.5)
     slices = np.moveaxis(image, 2, 0)
@@ -83,9 +95,16 @@ def main() -> int:
     parser.add_argument("--fp32", action="store_true")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backbones", nargs="*", metavar="DEPTH:LAYER",
+                        help="time backbone candidates instead (e.g. 18:3 18:4 34:3 50:3)")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.model, args.device)
+        return 0
+    if args.backbones:
+        for item in args.backbones:
+            depth, layer = (int(v) for v in item.split(":"))
+            speed(args, candidate(depth, layer, args.device, args.fp32))
         return 0
     speed(args)
     if args.memory:
