@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +87,11 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
         image.set_qform(affine, code=int(reference["qform_code"]) or 1)
         image.set_sform(affine, code=int(reference["sform_code"]) or 1)
     image.header.set_slope_inter(1.0, 0.0)
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    return write_atomically(path, lambda tmp: nib.save(image, tmp), suffix=suffix)
+    if str(path).lower().endswith(".gz"):
+        # gzip without a file name or time stamp: the same volume gives the same bytes
+        payload = gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+        return write_atomically(path, lambda tmp: Path(tmp).write_bytes(payload), suffix=".nii.gz")
+    return write_atomically(path, lambda tmp: nib.save(image, tmp), suffix=".nii")
 
 
 # --------------------------------------------------------------------------- display geometry

@@ -107,9 +107,22 @@ class PreparedScan:
     modality: Modality
 
 
+def _file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
+    """Size and the hash of the first and last MiB: a copied or re-mounted scan keeps its cache
+    (modification times do not survive copies), an edited one gets a new entry."""
+    size = path.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
 def _cache_key(record: ScanRecord, profile: PreprocessingProfile, min_size: int) -> str:
-    blob = json.dumps([PREPARED_VERSION, str(record.image.resolve()), record.image.stat().st_mtime_ns,
-                       profile.to_dict(), min_size], sort_keys=True, default=str)
+    blob = json.dumps([PREPARED_VERSION, _file_fingerprint(record.image), record.hu_offset, profile.to_dict(),
+                       min_size], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

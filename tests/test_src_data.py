@@ -81,3 +81,22 @@ def test_prepare_scan_caches(tmp_path, mri_phantom):
     np.testing.assert_array_equal(first.superpixels, again.superpixels)
     assert first.image.shape == first.superpixels.shape == first.label.shape
     assert first.modality == "mri"
+    # a copy elsewhere (new path, new modification time) is the same scan: the cache holds
+    copy = tmp_path / "copy" / "p.nii.gz"
+    copy.parent.mkdir()
+    copy.write_bytes(record.image.read_bytes())
+    (copied,) = [r for r in find_scans(copy.parent) if r.name == "p"]
+    prepare_scan(copied, PreprocessingProfile(), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    # an edited scan is not: it gets its own entry
+    write_nifti(record.image, mri_phantom.image[:, :, :6] + 1, mri_phantom.affine, overwrite=True)
+    prepare_scan(record, PreprocessingProfile(), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def test_gzipped_nifti_bytes_depend_only_on_the_volume(tmp_path, ct_phantom):
+    """No file name or time stamp in the gzip header: rewriting a volume gives the same file."""
+    for name in ("a.nii.gz", "b.nii.gz"):
+        write_nifti(tmp_path / name, ct_phantom.label, ct_phantom.affine)
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
+    assert load_scan(find_scans(tmp_path)[0]).volume.shape == ct_phantom.label.shape
