@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="held-out", choices=["held-out", "seen", "all"])
     parser.add_argument("--model", default="default")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--scans", nargs="*", help="only these queries of the split (e.g. a validation set)")
     parser.add_argument("--skip-3d", action="store_true", help="only the 1-slice support and the paper protocol")
     for f in dataclasses.fields(PropagationOptions):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.type != "bool" else int)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                  if (v := getattr(args, f.name)) is not None}
     model = load_model(args.model)
     options = model.default_options(**overrides)
-    queries = select_scans(args.data, args.phantoms, args.split, args.limit)
+    queries = select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name}; options {options}")
     print(f"{'query':<16}{'support':<16}{'organ':>6}{'1 slice':>9}{'3D':>7}{'paper':>7}{'found':>10}"
