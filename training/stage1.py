@@ -317,7 +317,7 @@ def run_stage1(config: Stage1Config, resume: bool = True) -> Path:
     start = resume_step(config.run_dir) if resume else 0
     loader = data_loader(dataset, start, config.batch, config.optim, dist, config.workers)
     global_batch = config.batch * config.optim.accumulate * dist.world
-    info = RunInfo(stage="stage1", data=sorted({str(p.parent if k >= 0 else p) for p, k in dataset.items}),
+    info = RunInfo(stage="stage1", data=sorted({p.stem if k >= 0 else str(p.parent) for p, k in dataset.items}),
                    seed=config.seed, extra={"images": len(dataset), "global_batch": global_batch,
                                             "size": config.size, "init": str(config.init or ""),
                                             "dense_weight": config.model.dense_weight})
