@@ -68,15 +68,27 @@ def default_model_path() -> Path:
     return Path(str(resources.files("napari_densemp") / "models" / DEFAULT_MODEL))
 
 
+def bundled_models() -> dict[str, Path]:
+    """The checkpoints shipped inside the package, by short name (``default``, ``v0``, ``v1``)."""
+    folder = default_model_path().parent
+    models = {p.stem.removeprefix("default_"): p for p in sorted(folder.glob("default_*.pt"))}
+    return {"default": default_model_path(), **models}
+
+
 def load_model(source: str | Path = "default", device: str = "auto",
                precision: Literal["auto", "bf16", "fp32"] = "auto") -> Model:
-    """Load the bundled default model (``"default"``) or a checkpoint file.
+    """Load a bundled model by name (``"default"``, ``"v1"``, see :func:`bundled_models`) or a
+    checkpoint file.
 
     ``precision="auto"`` uses bf16 autocast where the hardware runs it natively.
     """
-    path = default_model_path() if str(source) == "default" else Path(source)
+    bundled = bundled_models()
+    path = bundled.get(str(source), Path(source))
     if str(source) == "default" and not path.is_file():
         raise DenseMPError(f"The bundled default model is missing from the installation ({path}).")
+    if not path.is_file() and not path.suffix and str(source) not in bundled:
+        raise DenseMPError(f"Unknown model {str(source)!r}: give a checkpoint file or one of the bundled "
+                           f"models {sorted(bundled)}.")
     checkpoint = load_checkpoint(path)
     dev = pick_device(device)
     network = checkpoint.build_model().to(dev).to(memory_format=torch.channels_last)

@@ -110,7 +110,11 @@ class OneShotWidget(Container):
                               tooltip="The painted value to propagate; 0: the only value painted.")
         self._target = ComboBox(label="result into", choices=self._target_choices,
                                 tooltip="A new labels layer, or an existing one (other labels in it are kept).")
-        self._model = ComboBox(label="model", choices=[DEFAULT_MODEL_CHOICE, FILE_MODEL_CHOICE])
+        from .engine import DEFAULT_MODEL, bundled_models
+
+        others = [f"bundled {name}" for name, path in bundled_models().items()
+                  if name != "default" and path.name != DEFAULT_MODEL]  # e.g. v1 beside the default v0
+        self._model = ComboBox(label="model", choices=[DEFAULT_MODEL_CHOICE, *others, FILE_MODEL_CHOICE])
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
         self._axis = ComboBox(label="slicing axis", choices=["auto", "0", "1", "2"],
@@ -183,6 +187,8 @@ class OneShotWidget(Container):
             raise DenseMPError(f"'{painted.name}' has shape {tuple(painted.data.shape)} but '{image.name}' has "
                                f"{tuple(image.data.shape)}: paint in a labels layer made for this image.")
         source = "default"
+        if self._model.value not in (DEFAULT_MODEL_CHOICE, FILE_MODEL_CHOICE):
+            source = str(self._model.value).removeprefix("bundled ")
         if self._model.value == FILE_MODEL_CHOICE:
             source = str(self._checkpoint.value)
             if not self._checkpoint.value or not str(self._checkpoint.value).strip(". "):

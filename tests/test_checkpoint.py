@@ -89,3 +89,15 @@ def test_mismatched_weights_are_reported(tmp_path, tiny_network):
     torch.save(payload, path)
     with pytest.raises(DenseMPError, match="do not fit"):
         load_checkpoint(path).build_model()
+
+
+def test_bundled_models_load_by_name():
+    """v0 is the default; v1 ships beside it with its own tuned rule; an unknown name is named."""
+    from napari_densemp.engine import bundled_models, load_model
+
+    assert {"default", "v0", "v1"} <= set(bundled_models())
+    v1 = load_model("v1", "cpu")
+    assert v1.provenance["stage"] == "finetune" and v1.default_options().cross_min_confidence == 0.8
+    assert load_model("default", "cpu").default_options().cross_min_confidence == 0.75
+    with pytest.raises(DenseMPError, match=r"Unknown model 'v7'.*'v1'"):
+        load_model("v7", "cpu")
