@@ -57,10 +57,16 @@ def figure_row(scan, organ: int, model, columns: int) -> tuple[list[Image.Image]
     n = truth.shape[2]
     zs = np.flatnonzero(truth.any(axis=(0, 1)))
     wanted = np.unique(np.linspace(max(zs[0] - 3, 0), min(zs[-1] + 3, n - 1), columns).round())
+    # crop every tile to the body (plus a margin): a head in a 50 cm field of view is otherwise tiny
+    body = np.take(display["image"] > 0.05, range(n), axis=slice_axis).any(axis=slice_axis)
+    rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+    margin = 8
+    crop = (slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
+            slice(max(cols[0] - margin, 0), cols[-1] + margin + 1))
     images, captions = [], []
     for k, stored in enumerate([z, *[int(v) for v in wanted]]):
         at = stored if flip == 1 else n - 1 - stored
-        planes = {n: np.take(a, at, axis=slice_axis) for n, a in display.items()}
+        planes = {name: np.take(a, at, axis=slice_axis)[crop] for name, a in display.items()}
         layers = {"painted": planes["painted"]} if k == 0 else {"truth": planes["truth"],
                                                                 "predicted": planes["predicted"]}
         images.append(tile(planes["image"], layers, fill="painted" if k == 0 else None))
