@@ -103,7 +103,7 @@ def test_stage1_resumes_exactly_and_its_backbone_loads_into_stage2(image_folder,
         torch.testing.assert_close(resumed.training["module"][key], value, msg=key)
     assert int(straight.training["module"]["queue_position"]) == (4 * 4) % 32
     assert straight.provenance["stage"] == "stage1" and straight.provenance["global_batch"] == 4
-    assert straight.provenance["data"] == ["scan", str(image_folder / "roco" / "class_a")]  # scans by name
+    assert straight.provenance["data"] == [str(image_folder / "roco" / "class_a"), "scan"]  # scans by name
 
     model = FewShotSegmenter(NetworkConfig(depth=18, last_layer=3, feature_dim=16))
     load_backbone(model, tmp_path / "straight" / "last.pt")  # raises on any missing or unexpected key
