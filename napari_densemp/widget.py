@@ -187,12 +187,12 @@ class OneShotWidget(Container):
             raise DenseMPError(f"'{painted.name}' has shape {tuple(painted.data.shape)} but '{image.name}' has "
                                f"{tuple(image.data.shape)}: paint in a labels layer made for this image.")
         source = "default"
-        if self._model.value not in (DEFAULT_MODEL_CHOICE, FILE_MODEL_CHOICE):
-            source = str(self._model.value).removeprefix("bundled ")
         if self._model.value == FILE_MODEL_CHOICE:
             source = str(self._checkpoint.value)
             if not self._checkpoint.value or not str(self._checkpoint.value).strip(". "):
                 raise DenseMPError("Choose a checkpoint file, or the bundled default model.")
+        elif self._model.value != DEFAULT_MODEL_CHOICE:  # another bundled model, e.g. "bundled v1"
+            source = str(self._model.value).removeprefix("bundled ")
         return _Request(
             volume=np.asarray(image.data), painted=np.asarray(painted.data),
             spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),

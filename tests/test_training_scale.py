@@ -91,6 +91,8 @@ def test_stage1_reads_scan_folders_like_stage2(tmp_path):
     assert float(windowed[0][:, 6:].mean()) == pytest.approx((40 + 125) / 400, abs=0.02)
     everything = ContrastiveViews([chaos], size=32, cache_dir=tmp_path / "cache", hold_out=False)
     assert "image_31.npy" in {p.name for p, _ in everything.items}
+    beside = ContrastiveViews([chaos], size=32)  # no cache folder given: inside the scan folder
+    assert {p.parent for p, _ in beside.items} == {chaos / ".densemp-stage1"}
 
 
 @pytest.mark.slow

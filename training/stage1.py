@@ -64,7 +64,8 @@ class ContrastiveViews(torch.utils.data.Dataset):
                 if source.suffix.lower() in IMAGE_SUFFIXES:
                     self.items.append((source, -1))
             for record in records:
-                self.items += self._volume_slices(record, cache_dir or source.parent / ".densemp-stage1")
+                self.items += self._volume_slices(
+                    record, cache_dir or (source if source.is_dir() else source.parent) / ".densemp-stage1")
         if not self.items:
             raise ValueError(f"no images or NIfTI scans found in {[str(s) for s in sources]}")
 
