@@ -10,7 +10,6 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, propagate
+from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, parse_rules, propagate
 from src_data.datasets import ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES, write_cohort
 from src_data.splits import split_scans
@@ -99,14 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, help="score only the first N scans")
-    for f in dataclasses.fields(PropagationOptions):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.type != "bool" else int,
-                            default=None)
+    parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
-    overrides = {f.name: (bool(v) if f.type == "bool" else v) for f in dataclasses.fields(PropagationOptions)
-                 if (v := getattr(args, f.name)) is not None}
     model = load_model(args.model, args.device)
-    options = model.default_options(**overrides)
+    options = model.default_options(**parse_rules(args.rule))
 
     if not (args.data or args.phantoms):
         parser.error("give --data or --phantoms")

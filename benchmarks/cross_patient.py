@@ -12,14 +12,13 @@ Columns: "1 slice" = support painted on its slice of largest organ area (what a 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
 import numpy as np
 from accuracy import dice, paint_largest_slice, select_scans
 
-from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, segment_like
+from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, parse_rules, segment_like
 from src_data.datasets import ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES
 from training.protocol import paper_protocol_mask
@@ -65,13 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--scans", nargs="*", help="only these queries of the split (e.g. a validation set)")
     parser.add_argument("--skip-3d", action="store_true", help="only the 1-slice support and the paper protocol")
-    for f in dataclasses.fields(PropagationOptions):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.type != "bool" else int)
+    parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
-    overrides = {f.name: (bool(v) if f.type == "bool" else v) for f in dataclasses.fields(PropagationOptions)
-                 if (v := getattr(args, f.name)) is not None}
     model = load_model(args.model)
-    options = model.default_options(**overrides)
+    options = model.default_options(**parse_rules(args.rule))
     queries = select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name}; options {options}")

@@ -194,6 +194,27 @@ class PropagationOptions:
     calibrate_threshold: bool = True  # output threshold: the one that best redraws the painting on its slice
 
 
+def parse_rules(items: list[str]) -> dict:
+    """``NAME=VALUE`` strings naming fields of :class:`PropagationOptions`, as typed overrides.
+
+    The one parser of rule values: ``densemp-train export --rule`` and the benchmarks' ``--rule``.
+    """
+    types = {f.name: f.type for f in fields(PropagationOptions)}
+    rules = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise DenseMPError(f"rule {item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
+        kind = types[name]
+        try:
+            rules[name] = (value.lower() in ("1", "true", "yes") if kind == "bool"
+                           else int(value) if kind == "int" else float(value))
+        except ValueError:
+            expected = "a whole number" if kind == "int" else "a number"
+            raise DenseMPError(f"rule {item!r}: {value!r} is not {expected}") from None
+    return rules
+
+
 @dataclass
 class PropagationResult:
     mask: np.ndarray  # bool, exactly the input's shape

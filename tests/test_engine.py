@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_densemp.engine import Cancelled, FeatureCache, PropagationOptions, _calibrated_threshold, _walk, propagate
+from napari_densemp.engine import (
+    Cancelled,
+    FeatureCache,
+    PropagationOptions,
+    _calibrated_threshold,
+    _walk,
+    parse_rules,
+    propagate,
+)
 from napari_densemp.errors import DenseMPError
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, SPLEEN
 
@@ -202,3 +210,13 @@ def test_scorer_and_walk_on_synthetic_features():
     assert scorer(9).max() < 0.5  # no organ features: nothing above threshold
     region = _walk(scorer, 10, {5: seed}, (0, 9), PropagationOptions(), PIXEL)
     assert sorted(z for z, kept in region.items() if kept.any()) == [2, 3, 4, 5, 6, 7]
+
+
+def test_rules_parse_to_typed_option_values_and_name_what_is_wrong():
+    rules = parse_rules(["min_confidence=0.7", "seed_candidates=3", "calibrate_threshold=no"])
+    assert rules == {"min_confidence": 0.7, "seed_candidates": 3, "calibrate_threshold": False}
+    assert PropagationOptions(**rules).seed_candidates == 3
+    with pytest.raises(DenseMPError, match=r"expected NAME=VALUE.*min_confidence"):
+        parse_rules(["confidence=0.7"])
+    with pytest.raises(DenseMPError, match="'many' is not a whole number"):
+        parse_rules(["seed_candidates=many"])

@@ -79,27 +79,6 @@ def _stage2_config(args: argparse.Namespace, network=None):
     return config
 
 
-def parse_rules(items: list[str]) -> dict:
-    """``NAME=VALUE`` pairs naming fields of PropagationOptions, with values of their types."""
-    from dataclasses import fields
-
-    from napari_densemp.engine import PropagationOptions
-
-    types = {f.name: f.type for f in fields(PropagationOptions)}
-    rules = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in types or not value:
-            raise DenseMPError(f"--rule {item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
-        kind = types[name]
-        try:
-            rules[name] = (value.lower() in ("1", "true", "yes") if kind == "bool"
-                           else int(value) if kind == "int" else float(value))
-        except ValueError:
-            raise DenseMPError(f"--rule {item!r}: {value!r} is not a {kind}") from None
-    return rules
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densemp-train", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -234,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             reproduce(PRESETS[args.preset], args.out, args.data, args.device, args.amp, args.workers)
         elif args.command == "export":
             from napari_densemp.checkpoint import load_checkpoint, save_checkpoint
+            from napari_densemp.engine import parse_rules
 
             if args.out.exists() and not args.overwrite:
                 raise DenseMPError(f"{args.out} exists; pass --overwrite to replace it.")
