@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import re
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +253,9 @@ def index_images(folder: Path, out_dir: Path) -> Path:
     writer.writerow(["path", "height", "width", "error"])
     for path in tqdm(files, desc="indexing images", unit="image"):
         try:
-            shape = io.imread(path).shape
+            with warnings.catch_warnings():  # imageio's deprecation notices while it probes a bad file
+                warnings.simplefilter("ignore", DeprecationWarning)
+                shape = io.imread(path).shape
             writer.writerow([path.relative_to(folder), shape[0], shape[1], ""])
         except Exception as exc:  # an unreadable image is recorded, not fatal
             writer.writerow([path.relative_to(folder), "", "", f"{type(exc).__name__}: {exc}"])
