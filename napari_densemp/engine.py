@@ -207,10 +207,13 @@ def parse_rules(items: list[str]) -> dict:
             raise DenseMPError(f"rule {item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
         kind = types[name]
         try:
-            rules[name] = (value.lower() in ("1", "true", "yes") if kind == "bool"
-                           else int(value) if kind == "int" else float(value))
-        except ValueError:
-            expected = "a whole number" if kind == "int" else "a number"
+            if kind == "bool":
+                rules[name] = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[
+                    value.lower()]
+            else:
+                rules[name] = int(value) if kind == "int" else float(value)
+        except (KeyError, ValueError):
+            expected = {"bool": "true or false", "int": "a whole number"}.get(kind, "a number")
             raise DenseMPError(f"rule {item!r}: {value!r} is not {expected}") from None
     return rules
 

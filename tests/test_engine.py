@@ -220,3 +220,5 @@ def test_rules_parse_to_typed_option_values_and_name_what_is_wrong():
         parse_rules(["confidence=0.7"])
     with pytest.raises(DenseMPError, match="'many' is not a whole number"):
         parse_rules(["seed_candidates=many"])
+    with pytest.raises(DenseMPError, match="'maybe' is not true or false"):
+        parse_rules(["calibrate_threshold=maybe"])
