@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from napari_densemp.checkpoint import load_checkpoint
 from napari_densemp.network import FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile
+from src_data.datasets import PreparedScan
 from training.episodes import SuperpixelEpisodes
 from training.finetune import FinetuneEpisodes
 from training.loop import Distributed, OptimConfig, RunInfo, data_loader, train
@@ -179,6 +180,36 @@ def test_finetune_episodes_mix_labelled_and_superpixel_and_respect_setting_2():
     assert split.classes == [("a", 1), ("a", 3), ("b", 1), ("b", 3)] and split.supports[("b", 1)][0] == 2
 
 
+def test_in_volume_episodes_pair_two_slices_of_one_scan_in_one_window():
+    """The product's own episode: support (a large-area organ slice) and query (an organ slice
+    or one of the 3 past either end, labelled empty) from one scan, cut from the same window."""
+    from training.augment import AugmentConfig
+
+    identity = AugmentConfig(rotation_deg=0, translation_px=0, shear_deg=0, scale=(1, 1), elastic_alpha=0,
+                             gamma=(1, 1))
+    scans = []
+    for s in range(2):  # every pixel holds its position code, + 0.5 on the second scan
+        code = (np.arange(32)[:, None] * 32 + np.arange(32)[None]).astype(np.float16) + 0.5 * s
+        label = np.zeros((12, 32, 32), np.int16)
+        label[4, 10:14, 10:14] = label[7, 10:14, 10:14] = 1  # organ on slices 4-7, large on 5-6
+        label[5:7, 8:16, 8:16] = 1
+        scans.append(PreparedScan(f"s{s}", np.repeat(code[None], 12, 0), np.ones((12, 32, 32), np.int32),
+                                  label, "mri"))
+    dataset = FinetuneEpisodes(scans, crop=24, seed=1, labelled=1.0, in_volume=1.0, augment_config=identity)
+    assert dataset.volumes[("", 1)] == [(s, [5, 6], list(range(1, 11))) for s in (0, 1)]
+    episodes = [dataset.episode(i) for i in range(60)]
+    for e in episodes:
+        assert int(e["support_mask"].sum()) == 64  # always a large-area slice
+        assert int(e["query_label"].sum()) in (0, 16, 64)
+        assert torch.allclose(e["query_image"], e["support_image"], atol=0.01)  # same scan, same window
+    empty = sum(int(e["query_label"].sum()) == 0 for e in episodes)
+    assert 20 <= empty <= 50  # slices 1-3 and 8-10: 6 of the 10 query slices hold no organ
+    # the paper's episodes (in_volume 0): support always the class's fixed scan (scan 0), query scan 1
+    paper = FinetuneEpisodes(scans, crop=24, seed=1, labelled=1.0, augment_config=identity)
+    for e in (paper.episode(i) for i in range(20)):
+        assert float(e["support_image"][0, 0, 0]) % 1 == 0 and abs(float(e["query_image"][0, 0, 0]) % 1 - 0.5) < 0.01
+
+
 @pytest.mark.slow
 def test_cli_chains_stage1_stage2_and_finetune(image_folder, tmp_path):
     from training.cli import main as train_main
@@ -191,10 +222,11 @@ def test_cli_chains_stage1_stage2_and_finetune(image_folder, tmp_path):
                        *tiny]) == 0
     assert train_main(["finetune", str(tmp_path / "s2" / "last.pt"), "--phantoms", "1", "--out",
                        str(tmp_path / "ft"), "--iterations", "2", "--crop", "64", "--labelled", "0.5",
-                       *tiny[4:]]) == 0
+                       "--in-volume", "0.5", *tiny[4:]]) == 0
     tuned = load_checkpoint(tmp_path / "ft" / "last.pt")
     assert tuned.provenance["stage"] == "finetune"
     assert [c.split(":")[1] for c in tuned.provenance["classes"]] == ["1", "2", "3", "6"]
     assert tuned.provenance["from_provenance"]["init_backbone"].endswith("s1/last.pt")
     assert tuned.network.feature_dim == 16
     assert tuned.provenance["optim"]["lr"] == 1e-4
+    assert tuned.provenance["labelled_p"] == 0.5 and tuned.provenance["in_volume_p"] == 0.5

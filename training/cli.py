@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("checkpoint", type=Path, help="the stage-2 checkpoint to start from")
     _episode_data_args(ft)
     ft.add_argument("--labelled", type=float, default=0.25, help="share of labelled episodes")
+    ft.add_argument("--in-volume", type=float, default=0.0,
+                    help="share of the labelled episodes whose support and query are two slices of one scan "
+                         "(the product's propagation; 0 = the paper's cross-patient episodes only)")
     _run_args(ft, iterations=5100, lr=1e-4, checkpoint_every=500)
 
     pr = sub.add_parser("prepare", help="prepare a raw download (Synapse Abd-CT, CHAOS MR, ROCO)")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             from .finetune import FinetuneConfig, run_finetune
 
             config = FinetuneConfig(stage2=args.checkpoint, data=_stage2_config(args), optim=_optim(args),
-                                    labelled=args.labelled)
+                                    labelled=args.labelled, in_volume=args.in_volume)
             print(f"fine-tuned checkpoint: {run_finetune(config, resume=not args.fresh)}")
         elif args.command == "prepare":
             from src_data.prepare import prepare_dataset
