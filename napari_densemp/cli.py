@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("painted", nargs="?", type=Path, help="mask with the structure painted on 1+ slices")
     parser.add_argument("-o", "--out", type=Path, help="output mask (NIfTI); with --demo, a folder")
     parser.add_argument("--model", default="default",
-                        help="'default' (the bundled v0), 'v1' (bundled) or a checkpoint file")
+                        help="'default' (the bundled v0), 'v2' (bundled: fine-tuned, better on CT and across "
+                             "patients) or a checkpoint file")
     parser.add_argument("--label", type=int, help="painted value to propagate (needed if several)")
     parser.add_argument("--axis", type=int, default=2, help="slicing axis of the stored array (2: axial)")
     parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])

@@ -69,7 +69,7 @@ def default_model_path() -> Path:
 
 
 def bundled_models() -> dict[str, Path]:
-    """The checkpoints shipped inside the package, by short name (``default``, ``v0``, ``v1``)."""
+    """The checkpoints shipped inside the package, by short name (``default``, ``v0``, ``v2``)."""
     folder = default_model_path().parent
     models = {p.stem.removeprefix("default_"): p for p in sorted(folder.glob("default_*.pt"))}
     return {"default": default_model_path(), **models}
@@ -77,7 +77,7 @@ def bundled_models() -> dict[str, Path]:
 
 def load_model(source: str | Path = "default", device: str = "auto",
                precision: Literal["auto", "bf16", "fp32"] = "auto") -> Model:
-    """Load a bundled model by name (``"default"``, ``"v1"``, see :func:`bundled_models`) or a
+    """Load a bundled model by name (``"default"``, ``"v2"``, see :func:`bundled_models`) or a
     checkpoint file.
 
     ``precision="auto"`` uses bf16 autocast where the hardware runs it natively.

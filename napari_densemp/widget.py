@@ -113,7 +113,7 @@ class OneShotWidget(Container):
         from .engine import DEFAULT_MODEL, bundled_models
 
         others = [f"bundled {name}" for name, path in bundled_models().items()
-                  if name != "default" and path.name != DEFAULT_MODEL]  # e.g. v1 beside the default v0
+                  if name != "default" and path.name != DEFAULT_MODEL]  # e.g. v2 beside the default v0
         self._model = ComboBox(label="model", choices=[DEFAULT_MODEL_CHOICE, *others, FILE_MODEL_CHOICE])
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
@@ -191,7 +191,7 @@ class OneShotWidget(Container):
             source = str(self._checkpoint.value)
             if not self._checkpoint.value or not str(self._checkpoint.value).strip(". "):
                 raise DenseMPError("Choose a checkpoint file, or the bundled default model.")
-        elif self._model.value != DEFAULT_MODEL_CHOICE:  # another bundled model, e.g. "bundled v1"
+        elif self._model.value != DEFAULT_MODEL_CHOICE:  # another bundled model, e.g. "bundled v2"
             source = str(self._model.value).removeprefix("bundled ")
         return _Request(
             volume=np.asarray(image.data), painted=np.asarray(painted.data),

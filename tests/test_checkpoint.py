@@ -92,12 +92,15 @@ def test_mismatched_weights_are_reported(tmp_path, tiny_network):
 
 
 def test_bundled_models_load_by_name():
-    """v0 is the default; v1 ships beside it with its own tuned rule; an unknown name is named."""
+    """v0 (stage 2, no labels) is the default; v2 (fine-tuned with in-volume episodes) ships
+    beside it; an unknown name is named."""
     from napari_densemp.engine import bundled_models, load_model
 
-    assert {"default", "v0", "v1"} <= set(bundled_models())
-    v1 = load_model("v1", "cpu")
-    assert v1.provenance["stage"] == "finetune" and v1.default_options().cross_min_confidence == 0.8
-    assert load_model("default", "cpu").default_options().cross_min_confidence == 0.75
-    with pytest.raises(DenseMPError, match=r"Unknown model 'v7'.*'v1'"):
+    assert {"default", "v0", "v2"} <= set(bundled_models())
+    default = load_model("default", "cpu")
+    assert default.name == "default_v0.pt" and default.provenance["stage"] == "stage2"
+    v2 = load_model("v2", "cpu")
+    assert v2.provenance["stage"] == "finetune" and v2.provenance["in_volume_p"] == 0.5
+    assert v2.provenance["from_provenance"]["iterations"] == 40000
+    with pytest.raises(DenseMPError, match=r"Unknown model 'v7'.*'v2'"):
         load_model("v7", "cpu")

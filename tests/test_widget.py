@@ -61,12 +61,12 @@ def test_widget_propagates_the_painted_liver(viewer_with_sample):
     assert widget._slice_info.value.startswith(f"slice {(first + last) // 2}: confidence 0.")
 
 
-def test_the_bundled_v1_model_is_a_choice(viewer_with_sample):
+def test_the_bundled_v2_model_is_a_choice(viewer_with_sample):
     viewer, widget = viewer_with_sample
-    assert list(widget._model.choices) == ["bundled default", "bundled v1", "checkpoint file"]
-    widget._model.value = "bundled v1"
+    assert list(widget._model.choices) == ["bundled default", "bundled v2", "checkpoint file"]
+    widget._model.value = "bundled v2"
     _run(widget)
-    assert [m.name for m in widget._models.values()] == ["default_v1.pt"]
+    assert [m.name for m in widget._models.values()] == ["default_v2.pt"]
     assert dice(viewer.layers["phantom CT 6 propagated"].data == LIVER, _truth_on_display_grid(viewer)) > 0.75
 
 
