@@ -114,7 +114,10 @@ class OneShotWidget(Container):
 
         others = [f"bundled {name}" for name, path in bundled_models().items()
                   if name != "default" and path.name != DEFAULT_MODEL]  # e.g. v2 beside the default v0
-        self._model = ComboBox(label="model", choices=[DEFAULT_MODEL_CHOICE, *others, FILE_MODEL_CHOICE])
+        self._model = ComboBox(label="model", choices=[DEFAULT_MODEL_CHOICE, *others, FILE_MODEL_CHOICE],
+                               tooltip="The bundled default (v0) is best on MRI within one scan; bundled v2 "
+                                       "on CT and across patients (see the model card); or a checkpoint "
+                                       "trained with densemp-train.")
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
         self._axis = ComboBox(label="slicing axis", choices=["auto", "0", "1", "2"],
