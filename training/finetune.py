@@ -48,7 +48,7 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
         are never labelled episodes; their slices stay unless ``excluded_classes`` drops them."""
         self.superpixel = SuperpixelEpisodes(scans, crop, seed, excluded_classes, augment_config)
         self.scans, self.crop, self.seed, self.labelled, self.chunks = list(scans), crop, seed, labelled, chunks
-        self.in_volume, self.margin = in_volume, margin
+        self.in_volume = in_volume
         self.augment_config = augment_config or AugmentConfig()
         excluded = list(excluded_classes)
         groups = list(groups) if groups is not None else [""] * len(self.scans)
