@@ -31,3 +31,18 @@ def test_figure_shows_the_painting_the_truth_and_the_propagated_mask(tmp_path, c
         assert (np.abs(pixels.astype(int) - colour).sum(axis=1) == 0).sum() > 50, colour
     width, height = Image.open(out).size
     assert width >= 5 * figure.TILE and height < 2 * (figure.TILE + 40)  # 1 painted + 4 slices, one row
+
+
+@pytest.mark.slow
+def test_bundled_model_finds_the_brain_of_real_mri_it_never_saw(capsys):
+    """nilearn's MNI152 T1: an anatomy and contrast outside every training set, with tissue maps
+    as the truth. One painted axial slice must give the brain, well above copying the slice."""
+    pytest.importorskip("nilearn")
+    import accuracy
+
+    assert accuracy.main(["--mni152", "--device", "cpu"]) == 0
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:4]]
+            for line in capsys.readouterr().out.split("(mean 3D Dice over scans)")[1].strip().splitlines()}
+    assert set(rows) == {"brain", "grey", "white", "mean"}
+    propagated, copy_all, copy_z = rows["brain"]
+    assert propagated > 85 and propagated > copy_z + 10 and copy_z > copy_all
