@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'default' (the bundled v0), 'v2' (bundled: fine-tuned, better on CT and across "
                              "patients) or a checkpoint file")
     parser.add_argument("--label", type=int, help="painted value to propagate (needed if several)")
-    parser.add_argument("--axis", type=int, default=2, help="slicing axis of the stored array (2: axial)")
+    parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
+                        help="slicing axis of the stored array; auto: the axis along which the painting lies "
+                             "in one slice, else 2 (axial in most NIfTI files)")
     parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--between-painted", action="store_true",
@@ -75,10 +77,13 @@ def _progress_bar():
 
 
 def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_source: str = "default",
-                 label: int | None = None, axis: int = 2, modality: str = "auto", device: str = "auto",
+                 label: int | None = None, axis: int | None = None, modality: str = "auto", device: str = "auto",
                  between_painted: bool = False, overwrite: bool = False) -> dict:
-    """The whole job on files: read, check, propagate, write atomically. Returns a summary."""
-    from .engine import load_model, propagate
+    """The whole job on files: read, check, propagate, write atomically. Returns a summary.
+
+    ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`).
+    """
+    from .engine import load_model, painting_axis, propagate
 
     out_path = Path(out_path)
     for given in (image_path, painted_path):
@@ -95,6 +100,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     if not np.allclose(mask.affine, scan.affine, atol=1e-3, rtol=1e-4):
         raise DenseMPError("The painted mask's affine differs from the image's: they do not lie on the same "
                            "voxel grid. Resample the mask onto the image first.")
+    axis = painting_axis(painted) if axis is None else axis
     model = load_model(model_source, device)
     update, close = _progress_bar()
     try:
@@ -104,9 +110,20 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     finally:
         close()
     write_nifti(out_path, result.mask.astype(np.uint8), scan.affine, reference=scan.header, overwrite=overwrite)
-    return {"out": out_path, "slice_range": result.slice_range, "painted": result.painted_slices,
+    return {"out": out_path, "axis": axis, "slice_range": result.slice_range, "painted": result.painted_slices,
             "voxels": int(result.mask.sum()), "seconds": result.seconds_features + result.seconds_head,
             "confidence": result.confidence}
+
+
+def _axis(choice: str, painted: np.ndarray | None = None) -> int | None:
+    """``--axis``: a number as given; ``auto`` from the painting (None: the engine decides)."""
+    if choice != "auto":
+        return int(choice)
+    if painted is None:
+        return None
+    from .engine import painting_axis
+
+    return painting_axis(painted)
 
 
 def run_folder(args: argparse.Namespace) -> int:
@@ -137,7 +154,8 @@ def run_folder(args: argparse.Namespace) -> int:
             tqdm.write(f"{row.scan}: failed: {row.message}", file=sys.stderr)
 
     try:
-        rows = segment_folder(support, scans, out_dir, model, args.axis, overwrite=args.overwrite, on_scan=done)
+        rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask), overwrite=args.overwrite,
+                              on_scan=done)
     finally:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"
@@ -191,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.image is None or args.painted is None or args.out is None:
             parser.error("give IMAGE PAINTED -o OUT (or --demo)")
         start = time.perf_counter()
-        summary = segment_file(args.image, args.painted, args.out, args.model, args.label, args.axis,
+        summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite)
         rng = summary["slice_range"]
-        print(f"{summary['out']}: {summary['voxels']} voxels on slices {rng[0]}..{rng[1]} "
-              f"(painted {summary['painted']}), {time.perf_counter() - start:.1f} s")
+        print(f"{summary['out']}: {summary['voxels']} voxels on slices {rng[0]}..{rng[1]} along axis "
+              f"{summary['axis']} (painted {summary['painted']}), {time.perf_counter() - start:.1f} s")
     except DenseMPError as exc:
         print(f"densemp-segment: error: {exc}", file=sys.stderr)
         return 2

@@ -249,9 +249,22 @@ def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray,
     return painted == label, int(label)
 
 
+def _painted_slice_counts(binary: np.ndarray) -> list[int]:
+    """How many slices along each axis hold painted voxels."""
+    return [int(binary.any(axis=tuple(a for a in range(3) if a != k)).sum()) for k in range(3)]
+
+
+def painting_axis(painted: np.ndarray, default: int = 2) -> int:
+    """The slicing axis a painting was made across: the one axis along which it lies in a single
+    slice, else ``default`` (a painting made on a coronal view of an axial scan needs no option)."""
+    counts = _painted_slice_counts(np.asarray(painted) != 0)
+    single = [k for k in range(3) if counts[k] == 1]
+    return single[0] if len(single) == 1 else default
+
+
 def _check_painting_axis(binary: np.ndarray, axis: int) -> None:
     """A painting that lies in one plane across ``axis`` was made on another axis' slice."""
-    counts = [int(binary.any(axis=tuple(a for a in range(3) if a != k)).sum()) for k in range(3)]
+    counts = _painted_slice_counts(binary)
     flat = [k for k in range(3) if k != axis and counts[k] == 1]
     if counts[axis] > 2 and flat:
         raise DenseMPError(f"The painting lies in a single slice along axis {flat[0]} but spans {counts[axis]} "

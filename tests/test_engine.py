@@ -12,6 +12,7 @@ from napari_densemp.engine import (
     PropagationOptions,
     _calibrated_threshold,
     _walk,
+    painting_axis,
     parse_rules,
     propagate,
 )
@@ -174,6 +175,22 @@ def test_painting_on_another_axis_is_named(ct_phantom, default_model):
     painted[x] = ct_phantom.label[x] == LIVER  # a sagittal slice painted, axial slicing asked
     with pytest.raises(DenseMPError, match="Set the slicing axis to 0"):
         propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2)
+
+
+def test_painting_axis_is_the_one_plane_painted():
+    painted = np.zeros((20, 30, 40), np.uint8)
+    painted[5, 10:20, 10:30] = 1
+    assert painting_axis(painted) == 0
+    painted[:] = 0
+    painted[2:12, 7, 10:30] = 3
+    assert painting_axis(painted) == 1
+    painted[:] = 0
+    painted[2:12, 10:20, 9] = 1
+    painted[2:12, 10:20, 31] = 1  # two axial slices: no single plane, the default
+    assert painting_axis(painted) == 2
+    painted[:] = 0
+    painted[4, 5, 6] = 1  # a dot lies in one slice along every axis: the default
+    assert painting_axis(painted, default=1) == 1
 
 
 def test_label_choice(ct_phantom, default_model):
