@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DenseMPError
-from .io import as_3d, read_nifti, write_nifti
+from .io import as_3d, read_nifti, read_scan, write_nifti
 
 log = logging.getLogger("densemp-segment")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("densemp-segment")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densemp-segment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("image", nargs="?", type=Path, help="the scan (NIfTI)")
+    parser.add_argument("image", nargs="?", type=Path, help="the scan (NIfTI file or DICOM series folder)")
     parser.add_argument("painted", nargs="?", type=Path, help="mask with the structure painted on 1+ slices")
     parser.add_argument("-o", "--out", type=Path, help="output mask (NIfTI); with --demo, a folder")
     parser.add_argument("--model", default="default",
@@ -91,7 +91,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
             raise DenseMPError(f"The output {out_path} is one of the inputs; choose another output path.")
     if out_path.exists() and not overwrite:
         raise DenseMPError(f"{out_path} exists; choose another output or pass --overwrite.")
-    scan = read_nifti(image_path)
+    scan = read_scan(image_path)  # a NIfTI file or a DICOM series folder
     mask = read_nifti(painted_path)
     volume = as_3d(scan.data, image_path, "image")
     painted = as_3d(mask.data, painted_path, "painted mask")

@@ -63,6 +63,24 @@ def test_axis_follows_a_painting_made_on_another_plane(files, ct_phantom, capsys
     assert "Set the slicing axis to 1" in capsys.readouterr().err
 
 
+def test_a_dicom_series_folder_is_segmented_on_its_own_grid(tmp_path, ct_phantom, capsys):
+    from napari_densemp.dicom import read_dicom_series
+
+    from .test_napari_io import _write_dicom_series
+
+    _write_dicom_series(tmp_path / "series", ct_phantom.image, spacing=ct_phantom.spacing[:2],
+                        gap=ct_phantom.spacing[2])
+    scan = read_dicom_series(tmp_path / "series")
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    painted_path = write_nifti(tmp_path / "painted.nii.gz", painted, scan.affine)
+    out = tmp_path / "kidney.nii.gz"
+    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(out)]) == 0
+    result = read_nifti(out)
+    np.testing.assert_allclose(result.affine, scan.affine, atol=1e-5)
+    assert result.data.shape == ct_phantom.image.shape
+    assert dice(result.data.astype(bool), ct_phantom.label == RIGHT_KIDNEY) >= 0.7
+
+
 def _err(capsys) -> str:
     return capsys.readouterr().err
 
