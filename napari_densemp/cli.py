@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default",
                         help="'default' (the bundled v0), 'v2' (bundled: fine-tuned, better on CT and across "
                              "patients) or a checkpoint file")
-    parser.add_argument("--label", type=int, help="painted value to propagate (needed if several)")
+    parser.add_argument("--label", type=int, help="propagate only this painted value (default: every structure "
+                        "painted; with several, the output keeps their values)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slicing axis of the stored array; auto: the axis along which the painting lies "
                              "in one slice, else 2 (axial in most NIfTI files)")
@@ -82,8 +83,10 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`).
+    With several label values painted and no ``label``, every structure is propagated and the
+    output holds the painted values; with one, the output is 0/1.
     """
-    from .engine import load_model, painting_axis, propagate
+    from .engine import load_model, painted_labels, painting_axis, propagate, propagate_labels
 
     out_path = Path(out_path)
     for given in (image_path, painted_path):
@@ -101,18 +104,26 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
         raise DenseMPError("The painted mask's affine differs from the image's: they do not lie on the same "
                            "voxel grid. Resample the mask onto the image first.")
     axis = painting_axis(painted) if axis is None else axis
+    labels = painted_labels(painted)
+    several = label is None and len(labels) > 1
     model = load_model(model_source, device)
+    options = model.default_options(between_painted_only=between_painted)
     update, close = _progress_bar()
     try:
-        result = propagate(volume, painted, model, spacing=scan.spacing, axis=axis, label=label,
-                           modality=modality, options=model.default_options(between_painted_only=between_painted),
-                           progress=update)
+        if several:
+            out, results = propagate_labels(volume, painted, model, scan.spacing, axis, options, modality,
+                                            progress=update)
+        else:
+            result = propagate(volume, painted, model, spacing=scan.spacing, axis=axis, label=label,
+                               modality=modality, options=options, progress=update)
+            out, results = result.mask.astype(np.uint8), {labels[0] if label is None else label: result}
     finally:
         close()
-    write_nifti(out_path, result.mask.astype(np.uint8), scan.affine, reference=scan.header, overwrite=overwrite)
-    return {"out": out_path, "axis": axis, "slice_range": result.slice_range, "painted": result.painted_slices,
-            "voxels": int(result.mask.sum()), "seconds": result.seconds_features + result.seconds_head,
-            "confidence": result.confidence}
+    write_nifti(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite)
+    structures = {value: {"slice_range": r.slice_range, "painted": r.painted_slices, "voxels": int(r.mask.sum()),
+                          "confidence": r.confidence} for value, r in results.items()}
+    return {"out": out_path, "axis": axis, "structures": structures,
+            "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
 
 
 def _axis(choice: str, painted: np.ndarray | None = None) -> int | None:
@@ -188,7 +199,8 @@ def run_demo(out_dir: Path, args: argparse.Namespace) -> int:
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     true_z = np.flatnonzero(truth.any(axis=(0, 1)))
     print(f"demo: phantom CT {phantom.image.shape}, liver painted on slice {z}")
-    print(f"  propagated to slices {summary['slice_range']} (truth {true_z[0]}..{true_z[-1]}) "
+    [structure] = summary["structures"].values()
+    print(f"  propagated to slices {structure['slice_range']} (truth {true_z[0]}..{true_z[-1]}) "
           f"in {summary['seconds']:.2f} s; 3D Dice {100 * dice:.1f}")
     print(f"  files in {out_dir}/ (open demo_ct.nii.gz with the masks in napari or any viewer)")
     return 0
@@ -211,9 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite)
-        rng = summary["slice_range"]
-        print(f"{summary['out']}: {summary['voxels']} voxels on slices {rng[0]}..{rng[1]} along axis "
-              f"{summary['axis']} (painted {summary['painted']}), {time.perf_counter() - start:.1f} s")
+        for value, structure in summary["structures"].items():
+            rng = structure["slice_range"]
+            name = f" label {value}:" if len(summary["structures"]) > 1 else ""
+            print(f"{summary['out']}:{name} {structure['voxels']} voxels on slices {rng[0]}..{rng[1]} along axis "
+                  f"{summary['axis']} (painted {structure['painted']})")
+        print(f"{time.perf_counter() - start:.1f} s")
     except DenseMPError as exc:
         print(f"densemp-segment: error: {exc}", file=sys.stderr)
         return 2

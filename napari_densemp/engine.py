@@ -230,20 +230,33 @@ class PropagationResult:
     found_at: list[int] = field(default_factory=list)  # segment_like: query slices the supports were matched to
 
 
-def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray, int]:
+def _integer_painting(painted: np.ndarray) -> np.ndarray:
+    """Label values as integers (masks saved as floats are rounded); NaN or inf is named."""
     painted = np.asarray(painted)
     if not (np.issubdtype(painted.dtype, np.integer) or painted.dtype == bool):
         if np.issubdtype(painted.dtype, np.floating) and not np.isfinite(painted).all():
             raise DenseMPError("The painted mask holds NaN or infinite values.")
         painted = np.rint(painted).astype(np.int64)
+    return painted
+
+
+def painted_labels(painted: np.ndarray) -> list[int]:
+    """The label values painted (non-zero), sorted; an error when nothing is painted."""
+    painted = _integer_painting(painted)
     values = np.unique(painted[painted != 0])  # painted voxels are few: sort only those
     if values.size == 0:
         raise DenseMPError("The painted mask has no painted voxel: paint the structure on at least one slice.")
+    return [int(v) for v in values]
+
+
+def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray, int]:
+    painted = _integer_painting(painted)
+    values = painted_labels(painted)
     if label is None:
-        if values.size > 1:
+        if len(values) > 1:
             raise DenseMPError(f"Several label values are painted ({', '.join(map(str, values[:8]))}); "
                                f"choose which one to propagate (--label).")
-        label = int(values[0])
+        label = values[0]
     elif label not in values:
         raise DenseMPError(f"Label {label} is not painted; painted values: {', '.join(map(str, values[:8]))}.")
     return painted == label, int(label)
@@ -538,6 +551,39 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=0.0 if reused else feats.seconds,
                              seconds_head=time.perf_counter() - start, reused_features=reused)
+
+
+def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
+                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
+                     options: PropagationOptions | None = None, modality: Modality | Literal["auto"] = "auto",
+                     cache: FeatureCache | None = None, progress: ProgressCallback | None = None,
+                     cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
+    """Every structure painted (one label value each) propagated through ``volume``.
+
+    The backbone runs once; each label is walked as :func:`propagate` walks one. Where two
+    structures claim a voxel, the one more confident on that slice keeps it; painted voxels keep
+    their painted label. Returns the label volume (``painted``'s values, ``volume``'s shape) and
+    each label's result.
+    """
+    painted = _integer_painting(painted)
+    labels = painted_labels(painted)
+    cache = cache if cache is not None else FeatureCache()
+    results = {label: propagate(volume, painted, model, spacing, axis, label, options, modality, cache, progress,
+                                cancel) for label in labels}
+    n = painted.shape[axis % 3]
+    confidence = np.full((len(labels) + 1, n), -np.inf, dtype=np.float32)  # row 0: unclaimed
+    owner = np.zeros(np.moveaxis(painted, axis, 0).shape, dtype=np.uint16)  # index into labels, 1-based
+    for k, label in enumerate(labels, start=1):
+        result = results[label]
+        confidence[k] = result.confidence
+        mask = np.moveaxis(result.mask, axis, 0)
+        for z in np.flatnonzero(mask.reshape(n, -1).any(axis=1)):
+            current = owner[z]
+            owner[z][mask[z] & (confidence[current, z] < confidence[k, z])] = k
+    values = np.array([0, *labels], dtype=np.result_type(*map(np.min_scalar_type, (0, *labels))))
+    out = np.moveaxis(values[owner], 0, axis)
+    out[painted != 0] = painted[painted != 0]  # what the user painted is kept exactly
+    return out, results
 
 
 # --------------------------------------------------------------------------- another scan

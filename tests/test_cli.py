@@ -9,7 +9,7 @@ import torch
 
 from napari_densemp.cli import main
 from napari_densemp.io import read_nifti, write_nifti
-from src_data.phantoms import RIGHT_KIDNEY
+from src_data.phantoms import LIVER, RIGHT_KIDNEY
 
 from .conftest import dice, paint_largest
 
@@ -79,6 +79,24 @@ def test_a_dicom_series_folder_is_segmented_on_its_own_grid(tmp_path, ct_phantom
     np.testing.assert_allclose(result.affine, scan.affine, atol=1e-5)
     assert result.data.shape == ct_phantom.image.shape
     assert dice(result.data.astype(bool), ct_phantom.label == RIGHT_KIDNEY) >= 0.7
+
+
+def test_several_painted_structures_come_out_with_their_values(files, ct_phantom, capsys):
+    folder, image, painted, affine = files
+    liver, _ = paint_largest(ct_phantom.label, LIVER)
+    both = read_nifti(painted).data * np.uint8(RIGHT_KIDNEY) + liver * np.uint8(LIVER)
+    both_path = write_nifti(folder / "painted_two.nii.gz", both, affine)
+    out = folder / "two.nii.gz"
+    assert main([str(image), str(both_path), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"label {LIVER}:" in printed and f"label {RIGHT_KIDNEY}:" in printed
+    result = read_nifti(out).data
+    assert set(np.unique(result)) == {0, LIVER, RIGHT_KIDNEY}
+    for organ, minimum in ((LIVER, 0.8), (RIGHT_KIDNEY, 0.7)):  # as each alone (test_engine)
+        assert dice(result == organ, ct_phantom.label == organ) >= minimum
+    kidney_only = folder / "kidney_only.nii.gz"
+    assert main([str(image), str(both_path), "-o", str(kidney_only), "--label", str(RIGHT_KIDNEY)]) == 0
+    assert set(np.unique(read_nifti(kidney_only).data)) == {0, 1}
 
 
 def _err(capsys) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import napari_densemp.engine as engine
 from napari_densemp.engine import (
     Cancelled,
     FeatureCache,
@@ -15,6 +16,7 @@ from napari_densemp.engine import (
     painting_axis,
     parse_rules,
     propagate,
+    propagate_labels,
 )
 from napari_densemp.errors import DenseMPError
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, SPLEEN
@@ -101,6 +103,39 @@ def test_phantom_propagation_dice(ct_phantom, default_model, organ, minimum):
     assert abs(result.slice_range[0] - true_z[0]) <= 5 and abs(result.slice_range[1] - true_z[-1]) <= 5
     assert result.confidence.shape == (ct_phantom.image.shape[2],)
     assert result.confidence[z] > 0.8 and result.confidence[true_z[-1] + 6:].max(initial=0) == 0
+
+
+def test_every_painted_structure_is_propagated_in_one_run(ct_phantom, default_model):
+    """Liver, spleen and right kidney painted on their own largest slices: one label volume,
+    each structure as good as when propagated alone, the painting kept, the backbone run once."""
+    painted = np.zeros(ct_phantom.label.shape, np.uint8)
+    for organ in (LIVER, SPLEEN, RIGHT_KIDNEY):
+        painted = np.maximum(painted, paint_largest(ct_phantom.label, organ)[0] * np.uint8(organ))
+    out, results = propagate_labels(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing)
+    assert out.shape == painted.shape and set(np.unique(out)) == {0, LIVER, SPLEEN, RIGHT_KIDNEY}
+    np.testing.assert_array_equal(out[painted != 0], painted[painted != 0])
+    assert sum(r.reused_features for r in results.values()) == 2
+    for organ in (LIVER, SPLEEN, RIGHT_KIDNEY):
+        truth = ct_phantom.label == organ
+        alone = propagate(ct_phantom.image, paint_largest(ct_phantom.label, organ)[0], default_model,
+                          spacing=ct_phantom.spacing)
+        assert dice(out == organ, truth) >= dice(alone.mask, truth) - 0.01, organ
+
+
+def test_a_voxel_two_structures_claim_goes_to_the_more_confident(monkeypatch):
+    def fake_propagate(volume, painted, model, spacing, axis, label, *args):
+        mask = np.zeros(volume.shape, bool)
+        mask[slice(2, 6) if label == 1 else slice(4, 8), :, 1] = True
+        confidence = np.array([0.0, 0.9 if label == 1 else 0.8, 0.0], np.float32)
+        return engine.PropagationResult(mask, confidence, (1, 1), [1], 0.0, 0.0, label == 2)
+
+    monkeypatch.setattr(engine, "propagate", fake_propagate)
+    painted = np.zeros((10, 4, 3), np.int16)
+    painted[5, 0, 1], painted[7, 0, 1] = 1, 2  # label 2 painted on a voxel label 1 also claims
+    out, _ = propagate_labels(np.zeros((10, 4, 3), np.float32), painted, model=None)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, 1, 1], [0, 0, 1, 1, 1, 1, 2, 2, 0, 0])  # 4-5: both, 1 is surer
+    assert out[5, 0, 1] == 1 and out[7, 0, 1] == 2
 
 
 def test_mri_phantom_propagation(mri_phantom, default_model):
