@@ -255,7 +255,7 @@ def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray,
     if label is None:
         if len(values) > 1:
             raise DenseMPError(f"Several label values are painted ({', '.join(map(str, values[:8]))}); "
-                               f"choose which one to propagate (--label).")
+                               f"choose the one to propagate (label).")
         label = values[0]
     elif label not in values:
         raise DenseMPError(f"Label {label} is not painted; painted values: {', '.join(map(str, values[:8]))}.")
