@@ -223,12 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite)
-        for value, structure in summary["structures"].items():
+        structures = summary["structures"]
+        for value, structure in structures.items():
             rng = structure["slice_range"]
-            name = f" label {value}:" if len(summary["structures"]) > 1 else ""
+            name = f" label {value}:" if len(structures) > 1 else ""
             print(f"{summary['out']}:{name} {structure['voxels']} voxels on slices {rng[0]}..{rng[1]} along axis "
-                  f"{summary['axis']} (painted {structure['painted']})")
-        print(f"{time.perf_counter() - start:.1f} s")
+                  f"{summary['axis']} (painted {structure['painted']})", end="")
+            print(f", {time.perf_counter() - start:.1f} s" if len(structures) == 1 else "")
+        if len(structures) > 1:
+            print(f"{len(structures)} structures in {time.perf_counter() - start:.1f} s")
     except DenseMPError as exc:
         print(f"densemp-segment: error: {exc}", file=sys.stderr)
         return 2
