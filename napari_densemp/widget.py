@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,8 +106,9 @@ class OneShotWidget(Container):
         self.viewer = viewer
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._painted = create_widget(annotation="napari.layers.Labels", label="painted")
-        self._label = SpinBox(value=0, min=0, max=2**31 - 1, label="label (0: auto)",
-                              tooltip="The painted value to propagate; 0: the only value painted.")
+        self._label = SpinBox(value=0, min=0, max=2**31 - 1, label="label (0: all)",
+                              tooltip="The painted value to propagate; 0: every structure painted, "
+                                      "into one layer.")
         self._target = ComboBox(label="result into", choices=self._target_choices,
                                 tooltip="A new labels layer, or an existing one (other labels in it are kept).")
         from .engine import DEFAULT_MODEL, bundled_models
@@ -215,22 +216,32 @@ class OneShotWidget(Container):
         return self._models[key]
 
     def _compute(self, request: _Request, run: int):
-        """Runs in the worker thread: plain engine calls only."""
-        from .engine import propagate
+        """Runs in the worker thread: plain engine calls only. Returns the result (its mask: any
+        structure), the labels propagated and the label volume, on the display grid."""
+        from .engine import painted_labels, propagate, propagate_labels
 
         model = self._load_model(request.model_source, request.device)
         options = model.default_options(between_painted_only=request.between_painted_only)
         volume, painted, spacing, axis = request.on_stored_grid()
-        result = propagate(volume, painted, model, spacing=spacing, axis=axis, label=request.label,
-                           options=options, cache=self._feature_cache,
-                           progress=lambda done, total, stage: self._relay.progressed.emit(run, done, total, stage),
-                           cancel=self._cancel_flag.is_set)
-        result.mask, result.confidence = request.to_display(result.mask, result.confidence)
+        labels = [request.label] if request.label else painted_labels(painted)
+        kwargs = dict(options=options, cache=self._feature_cache, cancel=self._cancel_flag.is_set,
+                      progress=lambda done, total, stage: self._relay.progressed.emit(run, done, total, stage))
+        if len(labels) == 1:
+            result = propagate(volume, painted, model, spacing=spacing, axis=axis, label=labels[0], **kwargs)
+            values = result.mask.astype(np.int64) * labels[0]
+        else:  # every structure painted, one run (see propagate_labels)
+            values, results = propagate_labels(volume, painted, model, spacing=spacing, axis=axis, **kwargs)
+            first = results[labels[0]]
+            result = replace(first, mask=values != 0,
+                             confidence=np.max([r.confidence for r in results.values()], axis=0),
+                             seconds_head=sum(r.seconds_head for r in results.values()))
+        values, result.confidence = request.to_display(values, result.confidence)
+        result.mask = values != 0
         on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))
         result.slice_range = (int(on_slices[0]), int(on_slices[-1])) if on_slices.size else None
         result.painted_slices = [int(z) for z in np.flatnonzero(
             request.painted.any(axis=tuple(a for a in range(3) if a != request.axis)))]
-        return result
+        return result, labels, values
 
     def run(self) -> None:
         """Propagate in a background thread; errors become notifications, never dialogs."""
@@ -329,16 +340,19 @@ class OneShotWidget(Container):
         show_error(message)
 
     # ------------------------------------------------------------------ results
-    def _on_result(self, request: _Request, result, seconds: float) -> None:
-        label = int(request.label or np.max(request.painted[request.painted != 0], initial=1))
-        layer, created = self._result_layer(request, label, result.mask.shape)
+    def _on_result(self, request: _Request, outcome, seconds: float) -> None:
+        result, labels, values = outcome
+        # One result layer per image and label; one for all the structures of a multi-label run.
+        layer, created = self._result_layer(request, labels[0] if len(labels) == 1 else 0, values.shape)
         previous = None if created else np.array(layer.data, copy=True)
         if created:
-            data = result.mask.astype(np.uint8 if label <= 255 else np.int32) * label
+            data = values.astype(np.uint8 if max(labels) <= 255 else np.int32)
         else:
             data = np.array(layer.data, copy=True)
-            data[data == label] = 0
-            data[result.mask & (data == 0)] = label  # other structures in the layer are kept
+            data[np.isin(data, labels)] = 0
+            free = result.mask & (data == 0)  # other structures in the layer are kept
+            data[free] = values[free]
+        label = labels[0] if len(labels) == 1 else labels
         summary = {"label": label, "axis": request.axis, "slice_range": result.slice_range,
                    "painted_slices": result.painted_slices, "confidence": result.confidence.tolist()}
         if created:
@@ -374,7 +388,8 @@ class OneShotWidget(Container):
         if own is not None and own in self.viewer.layers and _digest(own.data) == self._written.get(id(own)):
             return own, False
         metadata = {k: v for k, v in image.metadata.items() if k == METADATA_KEY}
-        layer = Labels(np.zeros(shape, dtype=np.uint8), name=f"{image.name} {label} propagated",
+        name = f"{image.name} {label} propagated" if label else f"{image.name} propagated"
+        layer = Labels(np.zeros(shape, dtype=np.uint8), name=name,
                        scale=image.scale, translate=image.translate, metadata=metadata, opacity=0.5)
         self._own_results[key] = layer
         return layer, True

@@ -10,7 +10,7 @@ pytest.importorskip("pytestqt")
 
 from napari_densemp.io import Geometry
 from napari_densemp.napari_io import phantom_ct_sample
-from src_data.phantoms import LIVER, make_phantom
+from src_data.phantoms import LIVER, RIGHT_KIDNEY, make_phantom
 
 from .conftest import dice
 
@@ -123,6 +123,26 @@ def test_result_into_a_chosen_layer_keeps_its_other_labels(viewer_with_sample):
     assert set(np.unique(organs.data)) == {0, 2}
 
 
+def test_several_painted_structures_are_propagated_into_one_layer(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    phantom = make_phantom(seed=7, modality="ct")
+    geometry = Geometry.from_metadata(viewer.layers["phantom CT"].metadata)
+    kidney = geometry.display(phantom.label == RIGHT_KIDNEY)
+    painted = viewer.layers["liver painted"]
+    data = painted.data.copy()
+    z = int(kidney.sum(axis=(1, 2)).argmax())
+    data[z][kidney[z]] = RIGHT_KIDNEY
+    painted.data = data
+    _run(widget)
+    result = viewer.layers["phantom CT propagated"]
+    assert set(np.unique(result.data)) == {0, RIGHT_KIDNEY, LIVER}
+    assert dice(result.data == LIVER, _truth_on_display_grid(viewer)) > 0.75
+    assert dice(result.data == RIGHT_KIDNEY, kidney) > 0.7  # 73.5 measured, as from the CLI
+    assert result.metadata["densemp_result"]["label"] == [RIGHT_KIDNEY, LIVER]
+    widget.undo()
+    assert "phantom CT propagated" not in viewer.layers
+
+
 def test_cancel_stops_a_run_and_changes_nothing(viewer_with_sample):
     viewer, widget = viewer_with_sample
     names = [layer.name for layer in viewer.layers]
@@ -136,7 +156,6 @@ def test_cancel_stops_a_run_and_changes_nothing(viewer_with_sample):
 
 @pytest.mark.parametrize("case,message", [
     ("empty", "no painted voxel"),
-    ("two labels", "Several label values"),
     ("2D", "is 2D"),
     ("shape", "has shape"),
     ("checkpoint", "not found"),
@@ -146,11 +165,6 @@ def test_bad_input_is_a_notification_and_changes_nothing(viewer_with_sample, tmp
     painted = viewer.layers["liver painted"]
     if case == "empty":
         painted.data = np.zeros_like(painted.data)
-    elif case == "two labels":
-        data = painted.data.copy()
-        z = int(np.flatnonzero(data.any(axis=(1, 2)))[0])
-        data[z, :5, :5] = 3
-        painted.data = data
     elif case == "2D":
         flat = viewer.add_image(np.zeros((40, 40), np.float32), name="flat")
         widget.reset_choices()
