@@ -127,7 +127,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
 
 
 def _axis(choice: str, painted: np.ndarray | None = None) -> int | None:
-    """``--axis``: a number as given; ``auto`` from the painting (None: the engine decides)."""
+    """``--axis``: a number as given; ``auto`` from the painting (None: segment_file infers it)."""
     if choice != "auto":
         return int(choice)
     if painted is None:
