@@ -228,11 +228,11 @@ class OneShotWidget(Container):
                       progress=lambda done, total, stage: self._relay.progressed.emit(run, done, total, stage))
         if len(labels) == 1:
             result = propagate(volume, painted, model, spacing=spacing, axis=axis, label=labels[0], **kwargs)
-            values = result.mask.astype(np.int64) * labels[0]
+            values = result.mask.astype(np.uint8 if labels[0] <= 255 else np.int32)  # the layer's dtype
+            values *= labels[0]
         else:  # every structure painted, one run (see propagate_labels)
             values, results = propagate_labels(volume, painted, model, spacing=spacing, axis=axis, **kwargs)
-            first = results[labels[0]]
-            result = replace(first, mask=values != 0,
+            result = replace(results[labels[0]],
                              confidence=np.max([r.confidence for r in results.values()], axis=0),
                              seconds_head=sum(r.seconds_head for r in results.values()))
         values, result.confidence = request.to_display(values, result.confidence)
@@ -346,7 +346,7 @@ class OneShotWidget(Container):
         layer, created = self._result_layer(request, labels[0] if len(labels) == 1 else 0, values.shape)
         previous = None if created else np.array(layer.data, copy=True)
         if created:
-            data = values.astype(np.uint8 if max(labels) <= 255 else np.int32)
+            data = values.astype(np.uint8 if max(labels) <= 255 else np.int32, copy=False)
         else:
             data = np.array(layer.data, copy=True)
             data[np.isin(data, labels)] = 0
