@@ -18,21 +18,37 @@ import nibabel as nib
 import numpy as np
 
 from .atomic import write_atomically
-from .engine import Cancelled, FeatureCache, Model, PropagationOptions, segment_like
+from .engine import (
+    Cancelled,
+    FeatureCache,
+    Model,
+    PropagationOptions,
+    PropagationResult,
+    painted_labels,
+    segment_like,
+    segment_like_labels,
+)
 from .errors import DenseMPError
 from .io import Scan, as_3d, is_nifti, read_scan, write_nifti
 
-SUMMARY_FIELDS = ["scan", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
+SUMMARY_FIELDS = ["scan", "structure", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
                   "volume_ml", "output", "message"]
 
 
 @dataclass
 class Support:
-    """The painted (or fully segmented) structure of one scan, ready to be reused."""
+    """The painted (or fully segmented) structures of one scan, ready to be reused: ``label``
+    picks one; None takes every label value of ``mask``."""
 
     scan: Scan
     mask: np.ndarray
     label: int | None = None
+
+    def __post_init__(self) -> None:
+        values = painted_labels(self.mask)  # names a support mask with nothing painted
+        if self.label is not None and self.label not in values:
+            raise DenseMPError(f"Label {self.label} is not in the support mask; its values: "
+                               f"{', '.join(map(str, values[:8]))}.")
 
     @classmethod
     def from_files(cls, image: str | Path, mask: str | Path, label: int | None = None) -> Support:
@@ -49,8 +65,11 @@ class Support:
 
 @dataclass
 class BatchRow:
+    """One scan's outcome; with several structures, one row per structure of a scan done."""
+
     scan: str
     status: str  # "done", "skipped (exists)", "failed"
+    structure: int | None = None  # the label value (a done scan's row)
     seconds: float = 0.0
     first_slice: int | None = None
     last_slice: int | None = None
@@ -105,23 +124,49 @@ def _to_orientation(data: np.ndarray, affine: np.ndarray, target: np.ndarray):
 
 def segment_scan(support: Support, query: Scan, model: Model, axis: int = 2,
                  options: PropagationOptions | None = None, cache: FeatureCache | None = None,
-                 cancel: Callable[[], bool] | None = None):
-    """segment_like on a query scan brought into the support's orientation (the model, its
-    position priors and the support's slices then agree on which way is which); the mask is
-    returned on the query's own grid."""
+                 cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
+    """The support's structures found and segmented in a query scan, on the query's own grid.
+
+    The query is brought into the support's orientation first (the model, its position priors
+    and the support's slices then agree on which way is which). Returns the mask (0/1 for one
+    structure, the support's label values for several) and each structure's result.
+    """
     volume, affine, back = _to_orientation(query.data, query.affine, support.scan.affine)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-    result = segment_like(support.scan.data, support.mask, volume, model, support.scan.spacing, spacing,
-                          axis=axis, label=support.label, options=options, cache=cache, cancel=cancel)
-    result.mask = back(result.mask)
-    return result
+    labels = [support.label] if support.label is not None else painted_labels(support.mask)
+    if len(labels) == 1:
+        result = segment_like(support.scan.data, support.mask, volume, model, support.scan.spacing, spacing,
+                              axis=axis, label=labels[0], options=options, cache=cache, cancel=cancel)
+        values, results = result.mask.astype(np.uint8), {labels[0]: result}
+    else:
+        values, results = segment_like_labels(support.scan.data, support.mask, volume, model, support.scan.spacing,
+                                              spacing, axis=axis, options=options, cache=cache, cancel=cancel)
+    for result in results.values():
+        result.mask = back(result.mask)
+    return back(values), results
+
+
+def _done_rows(scan: Scan, name: str, seconds: float, values: np.ndarray, results: dict[int, PropagationResult],
+               out: Path) -> list[BatchRow]:
+    """A segmented scan's rows: one per structure, the voxels it holds in the written mask."""
+    voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+    rows = []
+    for label, result in results.items():
+        kept = result.confidence[result.confidence > 0]
+        rng = result.slice_range
+        voxels = int((values == (label if len(results) > 1 else 1)).sum())
+        rows.append(BatchRow(name, "done", label, seconds, rng[0] if rng else None, rng[1] if rng else None,
+                             int(kept.size), float(kept.mean()) if kept.size else 0.0, voxels * voxel_ml, str(out),
+                             "" if rng else "structure not found"))
+    return rows
 
 
 def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, model: Model, axis: int = 2,
                    options: PropagationOptions | None = None, overwrite: bool = False,
-                   on_scan: Callable[[BatchRow], None] | None = None,
+                   on_scan: Callable[[list[BatchRow]], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> list[BatchRow]:
-    """Segment the support's structure in every scan; one row per scan, failures included."""
+    """Segment the support's structures in every scan: one row per scan (per structure of a scan
+    done), failures included; ``on_scan`` gets each scan's rows as it finishes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {Path(p).resolve() for p in (support.scan.path,) if p is not None}
@@ -133,34 +178,37 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
         out = output_path(path, out_dir)
         start = time.perf_counter()
         if out.resolve() in sources or out.resolve() == Path(path).resolve():
-            row = BatchRow(path.name, "failed", message="the output would replace an input")
+            scan_rows = [BatchRow(path.name, "failed", message="the output would replace an input")]
         elif out.exists() and not overwrite:
-            row = BatchRow(path.name, "skipped (exists)", output=str(out))
+            scan_rows = [BatchRow(path.name, "skipped (exists)", output=str(out))]
         else:
             try:
                 scan = read_scan(path)
                 scan = Scan(as_3d(scan.data, path, "scan"), scan.affine, scan.header, scan.path)
-                result = segment_scan(support, scan, model, axis, options, cache, cancel)
-                write_nifti(out, result.mask.astype(np.uint8), scan.affine, reference=scan.header,
-                            overwrite=overwrite)
-                kept = result.confidence[result.confidence > 0]
-                voxel_ml = float(np.prod(scan.spacing)) / 1000.0
-                rng = result.slice_range
-                row = BatchRow(path.name, "done", time.perf_counter() - start, rng[0] if rng else None,
-                               rng[1] if rng else None, int(kept.size), float(kept.mean()) if kept.size else 0.0,
-                               float(result.mask.sum()) * voxel_ml, str(out),
-                               "" if rng else "structure not found")
+                values, results = segment_scan(support, scan, model, axis, options, cache, cancel)
+                write_nifti(out, values, scan.affine, reference=scan.header, overwrite=overwrite)
+                scan_rows = _done_rows(scan, path.name, time.perf_counter() - start, values, results, out)
             except Cancelled:
                 break
             except DenseMPError as exc:
-                row = BatchRow(path.name, "failed", time.perf_counter() - start, message=str(exc))
+                scan_rows = [BatchRow(path.name, "failed", seconds=time.perf_counter() - start, message=str(exc))]
             except Exception as exc:  # a scan that breaks anything else is still only that scan
-                row = BatchRow(path.name, "failed", time.perf_counter() - start,
-                               message=f"{type(exc).__name__}: {exc}")
-        rows.append(row)
+                scan_rows = [BatchRow(path.name, "failed", seconds=time.perf_counter() - start,
+                                      message=f"{type(exc).__name__}: {exc}")]
+        rows.extend(scan_rows)
         if on_scan is not None:
-            on_scan(row)
+            on_scan(scan_rows)
     return rows
+
+
+def scan_counts(rows: list[BatchRow]) -> dict[str, float]:
+    """How many scans (not structures) were done, skipped and failed, and their seconds in all."""
+    first = {}
+    for row in rows:
+        first.setdefault(row.scan, row)
+    counts = {status: sum(r.status == status for r in first.values()) for status in ("done", "skipped (exists)",
+                                                                                     "failed")}
+    return {**counts, "seconds": sum(r.seconds for r in first.values())}
 
 
 def write_summary(rows: list[BatchRow], path: str | Path) -> Path:

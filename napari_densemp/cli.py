@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'default' (the bundled v0), 'v2' (bundled: fine-tuned, better on CT and across "
                              "patients) or a checkpoint file")
     parser.add_argument("--label", type=int, help="propagate only this painted value (default: every structure "
-                        "painted; with several, the output keeps their values)")
+                        "painted, or every label of --support-mask; with several, outputs keep their values)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slicing axis of the stored array; auto: the axis along which the painting lies "
                              "in one slice, else 2 (axial in most NIfTI files)")
@@ -141,7 +141,7 @@ def run_folder(args: argparse.Namespace) -> int:
     """``--scans``: the support's structure in every scan of a folder, with a summary table."""
     from tqdm import tqdm
 
-    from .batch import Support, list_scans, segment_folder, shard, write_summary
+    from .batch import Support, list_scans, scan_counts, segment_folder, shard, write_summary
     from .engine import load_model
 
     if args.out is None:
@@ -158,7 +158,8 @@ def run_folder(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     bar = tqdm(total=len(scans), unit="scan", desc="segmenting")
 
-    def done(row) -> None:
+    def done(rows) -> None:
+        row = rows[0]
         bar.set_postfix_str(f"{row.scan}: {row.status}", refresh=False)
         bar.update()
         if row.status == "failed":
@@ -171,10 +172,11 @@ def run_folder(args: argparse.Namespace) -> int:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"
     summary = write_summary(rows, out_dir / name)
-    counts = {status: sum(r.status == status for r in rows) for status in ("done", "skipped (exists)", "failed")}
-    seconds = sum(r.seconds for r in rows)
-    print(f"{counts['done']} segmented, {counts['skipped (exists)']} already done, {counts['failed']} failed "
-          f"in {seconds:.1f} s; table: {summary}")
+    counts = scan_counts(rows)
+    structures = sorted({r.structure for r in rows if r.structure is not None})
+    which = f" ({len(structures)} structures: {', '.join(map(str, structures))})" if len(structures) > 1 else ""
+    print(f"{counts['done']} segmented{which}, {counts['skipped (exists)']} already done, {counts['failed']} failed "
+          f"in {counts['seconds']:.1f} s; table: {summary}")
     return 3 if counts["failed"] else 0
 
 

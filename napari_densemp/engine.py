@@ -566,24 +566,30 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
     each label's result.
     """
     painted = _integer_painting(painted)
-    labels = painted_labels(painted)
     cache = cache if cache is not None else FeatureCache()
     results = {label: propagate(volume, painted, model, spacing, axis, label, options, modality, cache, progress,
-                                cancel) for label in labels}
-    n = painted.shape[axis % 3]
+                                cancel) for label in painted_labels(painted)}
+    out = merge_structures(results, axis % 3)
+    out[painted != 0] = painted[painted != 0]  # what the user painted is kept exactly
+    return out, results
+
+
+def merge_structures(results: dict[int, PropagationResult], axis: int) -> np.ndarray:
+    """One label volume from several structures' masks (same shape): a voxel two claim goes to
+    the one whose region is more confident on that slice along ``axis``."""
+    labels = sorted(results)
+    first = np.moveaxis(results[labels[0]].mask, axis, 0)
+    n = first.shape[0]
     confidence = np.full((len(labels) + 1, n), -np.inf, dtype=np.float32)  # row 0: unclaimed
-    owner = np.zeros(np.moveaxis(painted, axis, 0).shape, dtype=np.uint16)  # index into labels, 1-based
+    owner = np.zeros(first.shape, dtype=np.uint16)  # index into labels, 1-based
     for k, label in enumerate(labels, start=1):
-        result = results[label]
-        confidence[k] = result.confidence
-        mask = np.moveaxis(result.mask, axis, 0)
+        confidence[k] = results[label].confidence
+        mask = np.moveaxis(results[label].mask, axis, 0)
         for z in np.flatnonzero(mask.reshape(n, -1).any(axis=1)):
             current = owner[z]
             owner[z][mask[z] & (confidence[current, z] < confidence[k, z])] = k
     values = np.array([0, *labels], dtype=np.result_type(*map(np.min_scalar_type, (0, *labels))))
-    out = np.moveaxis(values[owner], 0, axis)
-    out[painted != 0] = painted[painted != 0]  # what the user painted is kept exactly
-    return out, results
+    return np.moveaxis(values[owner], 0, axis)
 
 
 # --------------------------------------------------------------------------- another scan
@@ -728,3 +734,24 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence, slice_range=_slice_range(out),
                              painted_slices=[], seconds_features=0.0 if reused else q_feats.seconds,
                              seconds_head=time.perf_counter() - start, reused_features=reused, found_at=found_at)
+
+
+def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, query_volume: np.ndarray,
+                        model: Model, support_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                        query_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
+                        options: PropagationOptions | None = None, modality: Modality | Literal["auto"] = "auto",
+                        cache: FeatureCache | None = None, progress: ProgressCallback | None = None,
+                        cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
+    """Every structure of ``support_mask`` (one label value each) found and segmented in
+    ``query_volume``, as :func:`segment_like` does one; both volumes' features are computed once.
+
+    Returns the query's label volume (the support's values; a voxel two structures claim goes to
+    the one more confident on that slice) and each label's result.
+    """
+    support_mask = _integer_painting(support_mask)
+    if cache is None or cache.max_volumes < 2:  # support and query must both stay for every label
+        cache = FeatureCache(max_volumes=2)
+    results = {label: segment_like(support_volume, support_mask, query_volume, model, support_spacing, query_spacing,
+                                   axis, label, options, modality, cache, progress, cancel)
+               for label in painted_labels(support_mask)}
+    return merge_structures(results, axis % 3), results

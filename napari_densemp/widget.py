@@ -437,10 +437,13 @@ class OneShotWidget(Container):
             self._relay.progressed.emit(run, i, len(request.targets), f"segmenting '{layer.name}'")
             scan, geometry = self._layer_scan(layer)
             try:
-                result = segment_scan(support, scan, model, axis, None, self._feature_cache,
-                                      self._cancel_flag.is_set)
-                mask = geometry.display(result.mask) if geometry is not None else result.mask
-                results.append((layer, mask, result, ""))
+                values, found = segment_scan(support, scan, model, axis, None, self._feature_cache,
+                                             self._cancel_flag.is_set)
+                if len(found) == 1:  # a 0/1 mask: give it the painted value
+                    [label] = found
+                    values = values.astype(np.uint8 if label <= 255 else np.int32) * label
+                values = geometry.display(values) if geometry is not None else values
+                results.append((layer, values, found, ""))
             except DenseMPError as exc:
                 results.append((layer, None, None, str(exc)))
         return results
@@ -448,20 +451,21 @@ class OneShotWidget(Container):
     def _on_many(self, request: _Request, results: list, seconds: float) -> None:
         from napari.layers import Labels
 
-        label = int(request.label or np.max(request.painted[request.painted != 0], initial=1))
         lines = []
-        for layer, mask, result, message in results:
-            if mask is None:
+        for layer, values, found, message in results:
+            if values is None:
                 lines.append(f"'{layer.name}': failed: {message}")
                 continue
             metadata = {k: v for k, v in layer.metadata.items() if k == METADATA_KEY}
-            new = Labels(mask.astype(np.uint8 if label <= 255 else np.int32) * label, scale=layer.scale,
-                         translate=layer.translate, metadata=metadata, opacity=0.5,
-                         name=f"{layer.name} {label} like {request.image_layer.name}")
+            which = f" {next(iter(found))}" if len(found) == 1 else ""
+            new = Labels(values, scale=layer.scale, translate=layer.translate, metadata=metadata, opacity=0.5,
+                         name=f"{layer.name}{which} like {request.image_layer.name}")
             self.viewer.add_layer(new)
             self._undo_stack = [*self._undo_stack[-(UNDO_DEPTH - 1):], _Undo(new, None)]
-            rng = result.slice_range
-            lines.append(f"'{layer.name}': " + (f"slices {rng[0]}-{rng[1]}" if rng else "not found"))
+            ranges = [(label, r.slice_range) for label, r in found.items()]
+            lines.append(f"'{layer.name}': " + "; ".join(
+                (f"{label}: " if len(found) > 1 else "") + (f"slices {rng[0]}-{rng[1]}" if rng else "not found")
+                for label, rng in ranges))
         self._status.value = "\n".join(lines) + f"\n{seconds:.1f} s"
 
     def segment_folder(self) -> None:
@@ -492,9 +496,9 @@ class OneShotWidget(Container):
         total = len(request.scans)
         done = []
 
-        def on_scan(row) -> None:
-            done.append(row)
-            self._relay.progressed.emit(run, len(done), total, f"{row.scan}: {row.status}")
+        def on_scan(rows) -> None:
+            done.append(rows[0])
+            self._relay.progressed.emit(run, len(done), total, f"{rows[0].scan}: {rows[0].status}")
 
         self._relay.progressed.emit(run, 0, total, "segmenting scans")
         rows = segment_folder(support, request.scans, request.results_dir, model, axis, on_scan=on_scan,
@@ -502,11 +506,13 @@ class OneShotWidget(Container):
         return rows, write_summary(rows, request.results_dir / "summary.csv")
 
     def _on_folder(self, request: _Request, outcome, seconds: float) -> None:
+        from .batch import scan_counts
+
         rows, summary = outcome
         failed = [r for r in rows if r.status == "failed"]
-        counts = sum(r.status == "done" for r in rows), sum(r.status.startswith("skipped") for r in rows)
-        text = (f"{counts[0]} segmented, {counts[1]} already done, {len(failed)} failed of {len(request.scans)} "
-                f"in {seconds:.1f} s; table: {summary}")
+        counts = scan_counts(rows)
+        text = (f"{counts['done']} segmented, {counts['skipped (exists)']} already done, {len(failed)} failed of "
+                f"{len(request.scans)} in {seconds:.1f} s; table: {summary}")
         self._status.value = text + "".join(f"\n{r.scan}: {r.message}" for r in failed[:5])
         if failed:
             from napari.utils.notifications import show_warning

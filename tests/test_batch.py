@@ -7,11 +7,11 @@ import csv
 import numpy as np
 import pytest
 
-from napari_densemp.batch import Support, list_scans, segment_folder, shard
+from napari_densemp.batch import Support, list_scans, scan_counts, segment_folder, shard
 from napari_densemp.cli import main as segment_main
-from napari_densemp.engine import chunk_centres, segment_like
+from napari_densemp.engine import chunk_centres, segment_like, segment_like_labels
 from napari_densemp.errors import DenseMPError
-from napari_densemp.io import read_nifti, write_nifti
+from napari_densemp.io import Scan, read_nifti, write_nifti
 from src_data.phantoms import LEFT_KIDNEY, LIVER, RIGHT_KIDNEY, SPLEEN, make_phantom
 
 from .conftest import dice, paint_largest
@@ -64,6 +64,27 @@ def test_a_3d_support_is_paired_by_chunks(ct_phantom, other_ct, default_model):
                           other_ct.spacing)
     assert len(result.found_at) == 3 and result.found_at == sorted(result.found_at)
     assert dice(result.mask, other_ct.label == LIVER) > 0.70
+
+
+def test_several_support_structures_are_found_in_one_run(ct_phantom, other_ct, default_model):
+    """Liver and right kidney painted on their own slices of one patient: both found in another,
+    each exactly as alone but for voxels the other also claims, in one label volume; the
+    support's and query's features computed once."""
+    painted = np.zeros(ct_phantom.label.shape, np.uint8)
+    for organ in (LIVER, RIGHT_KIDNEY):
+        painted = np.maximum(painted, paint_largest(ct_phantom.label, organ)[0] * np.uint8(organ))
+    out, results = segment_like_labels(ct_phantom.image, painted, other_ct.image, default_model, ct_phantom.spacing,
+                                       other_ct.spacing)
+    assert out.shape == other_ct.image.shape and set(np.unique(out)) == {0, LIVER, RIGHT_KIDNEY}
+    assert [r.reused_features for r in results.values()] == [False, True]
+    alone = {organ: segment_like(ct_phantom.image, painted, other_ct.image, default_model, ct_phantom.spacing,
+                                 other_ct.spacing, label=organ).mask for organ in (LIVER, RIGHT_KIDNEY)}
+    for organ, other in ((LIVER, RIGHT_KIDNEY), (RIGHT_KIDNEY, LIVER)):
+        np.testing.assert_array_equal(results[organ].mask, alone[organ])
+        assert not ((out == organ) & ~alone[organ]).any()
+        assert not (alone[organ] & (out != organ) & ~alone[other]).any()  # lost only where both claim
+    assert dice(out == LIVER, other_ct.label == LIVER) > 0.7
+    assert dice(out == RIGHT_KIDNEY, other_ct.label == RIGHT_KIDNEY) > 0.3
 
 
 def test_segment_like_names_bad_input(ct_phantom, default_model):
@@ -146,3 +167,43 @@ def test_support_with_a_mismatched_mask_is_named(tmp_path, ct_phantom):
     write_nifti(tmp_path / "m.nii.gz", np.zeros((4, 4, 4), np.uint8), ct_phantom.affine)
     with pytest.raises(DenseMPError, match="support mask's shape"):
         Support.from_files(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
+
+
+def test_a_folder_run_segments_every_structure_of_the_support(folder, ct_phantom, default_model):
+    """A support with liver (6) and right kidney (2) painted: one label volume per scan and one
+    summary row per structure; --label still picks one (0/1 output)."""
+    root, _ = folder
+    painted = np.zeros(ct_phantom.label.shape, np.uint8)
+    for organ in (LIVER, RIGHT_KIDNEY):
+        painted = np.maximum(painted, paint_largest(ct_phantom.label, organ)[0] * np.uint8(organ))
+    write_nifti(root / "support_two.nii.gz", painted, ct_phantom.affine)
+    support = Support.from_files(root / "support.nii.gz", root / "support_two.nii.gz")
+    scans = list_scans(root / "scans")
+    out = root / "out-two"
+    rows = segment_folder(support, scans, out, default_model)
+    assert [(r.scan, r.status, r.structure) for r in rows] == [
+        ("a.nii.gz", "done", RIGHT_KIDNEY), ("a.nii.gz", "done", LIVER), ("b.nii.gz", "done", RIGHT_KIDNEY),
+        ("b.nii.gz", "done", LIVER), ("c.nii.gz", "failed", None), ("d.nii.gz", "failed", None)]
+    assert scan_counts(rows)["done"] == 2 and scan_counts(rows)["failed"] == 2
+    third = make_phantom(seed=22, modality="ct")
+    truths = {"a": make_phantom(seed=21, modality="ct").label, "b": third.label[::-1]}
+    for name, truth in truths.items():
+        mask = read_nifti(out / f"{name}.nii.gz").data
+        assert set(np.unique(mask)) == {0, LIVER, RIGHT_KIDNEY}
+        assert dice(mask == LIVER, truth == LIVER) > 0.6 and dice(mask == RIGHT_KIDNEY, truth == RIGHT_KIDNEY) > 0.3
+        row = next(r for r in rows if r.scan == f"{name}.nii.gz" and r.structure == LIVER)
+        voxel_ml = np.prod(read_nifti(root / "scans" / f"{name}.nii.gz").spacing) / 1000
+        assert row.volume_ml == pytest.approx((mask == LIVER).sum() * voxel_ml, rel=1e-6)
+    code = segment_main(["--support-image", str(root / "support.nii.gz"), "--support-mask",
+                         str(root / "support_two.nii.gz"), "--scans", str(root / "scans"), "--out",
+                         str(root / "cli-liver"), "--pattern", "a.nii.gz", "--label", str(LIVER)])
+    assert code == 0
+    assert set(np.unique(read_nifti(root / "cli-liver" / "a.nii.gz").data)) == {0, 1}
+
+
+def test_a_support_without_the_structure_is_named_before_any_scan(ct_phantom):
+    with pytest.raises(DenseMPError, match="no painted voxel"):
+        Support(Scan(ct_phantom.image, ct_phantom.affine, None, None), np.zeros(ct_phantom.image.shape, np.uint8))
+    with pytest.raises(DenseMPError, match="Label 3 is not in the support mask; its values: 6"):
+        Support(Scan(ct_phantom.image, ct_phantom.affine, None, None),
+                (ct_phantom.label == LIVER).astype(np.uint8) * 6, label=3)

@@ -216,6 +216,31 @@ def test_segment_the_same_structure_in_other_open_images_and_a_folder(viewer_wit
     assert (results / "summary.csv").read_text().count("\n") == 3  # header + two scans
 
 
+def test_several_painted_structures_are_found_in_the_other_open_images(viewer_with_sample):
+    from napari_densemp.napari_io import layer_from_array
+
+    viewer, widget = viewer_with_sample
+    phantom, other = make_phantom(seed=7, modality="ct"), make_phantom(seed=21, modality="ct")
+    kidney = Geometry.from_metadata(viewer.layers["phantom CT"].metadata).display(phantom.label == RIGHT_KIDNEY)
+    painted = viewer.layers["liver painted"]
+    data = painted.data.copy()
+    z = int(kidney.sum(axis=(1, 2)).argmax())
+    data[z][kidney[z]] = RIGHT_KIDNEY
+    painted.data = data
+    layer_data, kwargs, _ = layer_from_array(other.image, other.affine, "other CT")
+    viewer.add_image(layer_data, **kwargs)
+    widget.reset_choices()
+    widget._image.value = viewer.layers["phantom CT"]
+    widget.segment_open_images()
+    widget.wait()
+    found = viewer.layers["other CT like phantom CT"]
+    labels = Geometry.from_metadata(kwargs["metadata"]).display(other.label)
+    assert set(np.unique(found.data)) == {0, RIGHT_KIDNEY, LIVER}
+    assert dice(found.data == LIVER, labels == LIVER) > 0.7
+    assert dice(found.data == RIGHT_KIDNEY, labels == RIGHT_KIDNEY) > 0.3
+    assert f"{RIGHT_KIDNEY}: slices" in widget._status.value and f"{LIVER}: slices" in widget._status.value
+
+
 def test_napari_opens_a_nifti_and_a_sample_through_the_plugin(make_napari_viewer, tmp_path):
     from napari_densemp.io import write_nifti
 
