@@ -6,6 +6,7 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --organs 1 2 3 4 --split held-out
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --organs 1 3 4 7 --split held-out
     python benchmarks/accuracy.py --mni152
+    python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --view transpose
 
 ``--mni152`` scores brain structures on the MNI152 T1 template that nilearn ships: real MRI of an
 anatomy and a contrast no model here trained on (an average of 152 brains, so smoother than one
@@ -82,20 +83,31 @@ def score_structure(volume: np.ndarray, spacing, truth: np.ndarray, model, optio
     return dice(result.mask, truth), all_copy, z_copy, found, f"{zs[0]}-{zs[-1]}", seconds
 
 
+# Another hospital may store the same anatomy flipped or with the in-plane axes swapped: each
+# view is applied to scan and label alike (the model sees the stored grid; training saw LAS,
+# RAS and LPS storage, never swapped axes).
+VIEWS = {"stored": (lambda a: a, False), "flip-x": (lambda a: a[::-1], False), "flip-y": (lambda a: a[:, ::-1], False),
+         "transpose": (lambda a: a.transpose(1, 0, 2), True), "rot90": (lambda a: np.rot90(a, 1, (0, 1)), True)}
+
+
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
-                     organs: list[int] | None = None):
+                     organs: list[int] | None = None, view: str = "stored"):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
-    range, seconds), painting the organ's slice of largest area and scoring the whole volume."""
+    range, seconds), painting the organ's slice of largest area and scoring the whole volume,
+    with the scans stored as ``view`` says (see VIEWS)."""
+    reorder, swapped = VIEWS[view]
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
             print(f"{record.name}: no label file, skipped", file=sys.stderr)
             continue
+        volume, label = np.ascontiguousarray(reorder(scan.volume)), np.ascontiguousarray(reorder(scan.label))
+        spacing = (scan.spacing[1], scan.spacing[0], scan.spacing[2]) if swapped else scan.spacing
         cache = FeatureCache()
-        for organ in organs or [int(v) for v in np.unique(scan.label) if v]:
-            truth = scan.label == organ
+        for organ in organs or [int(v) for v in np.unique(label) if v]:
+            truth = label == organ
             if truth.any():
-                yield (record.name, organ, *score_structure(scan.volume, scan.spacing, truth, model, options, cache))
+                yield (record.name, organ, *score_structure(volume, spacing, truth, model, options, cache))
 
 
 def mni152_scores(model, options: PropagationOptions):
@@ -123,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, help="score only the first N scans")
+    parser.add_argument("--scans", nargs="*", help="score only these scans (names as in the split)")
+    parser.add_argument("--view", default="stored", choices=list(VIEWS),
+                        help="store every scan flipped or with its in-plane axes swapped, as another hospital might")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -134,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.mni152:
         scores = mni152_scores(model, options)
     else:
-        scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit), model, options,
-                                  args.organs)
+        scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans),
+                                  model, options, args.organs, args.view)
     names = ORGAN_NAMES if args.phantoms else {}
-    print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); options {options}")
+    print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
+          f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []
     for row in scores:

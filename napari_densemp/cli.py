@@ -120,8 +120,11 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     finally:
         close()
     write_nifti(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite)
-    structures = {value: {"slice_range": r.slice_range, "painted": r.painted_slices, "voxels": int(r.mask.sum()),
-                          "confidence": r.confidence} for value, r in results.items()}
+    voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+    voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
+    structures = {value: {"slice_range": r.slice_range, "painted": r.painted_slices, "voxels": voxels[value],
+                          "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence}
+                  for value, r in results.items()}
     return {"out": out_path, "axis": axis, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
 
@@ -229,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         for value, structure in structures.items():
             rng = structure["slice_range"]
             name = f" label {value}:" if len(structures) > 1 else ""
-            print(f"{summary['out']}:{name} {structure['voxels']} voxels on slices {rng[0]}..{rng[1]} along axis "
-                  f"{summary['axis']} (painted {structure['painted']})", end="")
+            print(f"{summary['out']}:{name} {structure['voxels']} voxels ({structure['volume_ml']:.1f} ml) on slices "
+                  f"{rng[0]}..{rng[1]} along axis {summary['axis']} (painted {structure['painted']})", end="")
             print(f", {time.perf_counter() - start:.1f} s" if len(structures) == 1 else "")
         if len(structures) > 1:
             print(f"{len(structures)} structures in {time.perf_counter() - start:.1f} s")

@@ -367,7 +367,11 @@ class OneShotWidget(Container):
         kept = result.confidence[result.confidence > 0]
         features = "features reused" if result.reused_features else f"features {result.seconds_features:.1f} s"
         extent = f"slices {rng[0]}-{rng[1]}" if rng else "no slice"
+        voxel_ml = float(np.prod(request.spacing)) / 1000.0  # the layer's scale: mm per voxel
+        volumes = ", ".join((f"{value}: " if len(labels) > 1 else "") + f"{(values == value).sum() * voxel_ml:.1f} ml"
+                            for value in labels)
         self._status.value = (f"'{layer.name}': {extent} along axis {request.axis}\n"
+                              f"volume {volumes}\n"
                               f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
                               f"{seconds:.1f} s ({features})")
         self._last = (layer, summary)

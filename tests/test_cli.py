@@ -40,7 +40,9 @@ def test_segments_with_exact_geometry(files, ct_phantom, capsys):
     assert nib.aff2axcodes(result.affine) == nib.aff2axcodes(source.affine)
     assert result.data.dtype == np.uint8
     assert dice(result.data.astype(bool), ct_phantom.label == RIGHT_KIDNEY) >= 0.7
-    assert "voxels on slices" in capsys.readouterr().out
+    voxels = int(result.data.sum())
+    ml = voxels * np.prod(ct_phantom.spacing) / 1000  # the volume the report gives, from the affine's spacing
+    assert f"{voxels} voxels ({ml:.1f} ml) on slices" in capsys.readouterr().out
 
 
 def test_axis_follows_a_painting_made_on_another_plane(files, ct_phantom, capsys):

@@ -57,6 +57,8 @@ def test_widget_propagates_the_painted_liver(viewer_with_sample):
     true_slices = np.flatnonzero(truth.any(axis=(1, 2)))
     assert abs(first - true_slices[0]) <= 3 and abs(last - true_slices[-1]) <= 3
     assert "mean confidence" in widget._status.value
+    voxel_ml = np.prod(viewer.layers["phantom CT"].scale) / 1000
+    assert f"volume {(result.data == LIVER).sum() * voxel_ml:.1f} ml" in widget._status.value
     viewer.dims.set_current_step(0, (first + last) // 2)
     assert widget._slice_info.value.startswith(f"slice {(first + last) // 2}: confidence 0.")
 
@@ -139,6 +141,7 @@ def test_several_painted_structures_are_propagated_into_one_layer(viewer_with_sa
     assert dice(result.data == LIVER, _truth_on_display_grid(viewer)) > 0.75
     assert dice(result.data == RIGHT_KIDNEY, kidney) > 0.7  # 73.5 measured, as from the CLI
     assert result.metadata["densemp_result"]["label"] == [RIGHT_KIDNEY, LIVER]
+    assert f"volume {RIGHT_KIDNEY}: " in widget._status.value and f", {LIVER}: " in widget._status.value
     widget.undo()
     assert "phantom CT propagated" not in viewer.layers
 
