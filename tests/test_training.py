@@ -88,6 +88,30 @@ def test_episodes_are_a_pure_function_of_seed_and_index():
     torch.testing.assert_close(dataset[17]["query_image"], a["query_image"])
 
 
+@pytest.mark.parametrize("kind", ["superpixel", "labelled"])
+def test_mirrored_episodes_are_the_plain_ones_flipped_alike(kind):
+    """--mirror: each episode is the same episode with support and query flipped along the same
+    in-plane axes; all four flip combinations occur, about equally."""
+    from training.finetune import FinetuneEpisodes
+
+    def dataset(mirror: bool):
+        if kind == "superpixel":
+            return SuperpixelEpisodes(_toy_scans(), crop=32, seed=5, mirror=mirror)
+        return FinetuneEpisodes(_toy_scans(), crop=32, seed=5, labelled=1.0, mirror=mirror)
+
+    plain, mirrored = dataset(False), dataset(True)
+    seen = {}
+    for index in range(80):
+        a, b = plain.episode(index), mirrored.episode(index)
+        matches = [dims for dims in ((), (-1,), (-2,), (-2, -1))
+                   if all(torch.equal(torch.flip(a[k], dims) if dims else a[k], b[k])
+                          for k in ("support_image", "support_mask", "query_image", "query_label"))]
+        assert len(matches) >= 1, index
+        assert torch.equal(a["index"], b["index"])
+        seen[matches[0]] = seen.get(matches[0], 0) + 1
+    assert set(seen) == {(), (-1,), (-2,), (-2, -1)} and min(seen.values()) >= 10, seen
+
+
 def _config(run_dir, iterations: int, phantoms_dir=None) -> Stage2Config:
     return Stage2Config(run_dir=run_dir, phantoms=1, crop=64, seed=3,
                         network=NetworkConfig(depth=18, last_layer=3, feature_dim=32),

@@ -1,8 +1,10 @@
 """The one augmentation module: the reference's episode augmentations, in torch.
 
 Geometry (rotation, translation, shear, scale, elastic) is one sampling grid applied to the
-image and its mask together; gamma touches the image only. No flips, no noise. Written in
-torch so the same code runs in CPU data workers and, batched, on a GPU.
+image and its mask together; gamma touches the image only. No flips, no noise: that is the
+reference. Ours, off by default: :func:`mirror_episode` flips a whole episode, for a model that
+does not care which way a hospital stores left-right and front-back. Written in torch so the
+same code runs in CPU data workers and, batched, on a GPU.
 """
 
 from __future__ import annotations
@@ -91,3 +93,20 @@ def augment(images: torch.Tensor, masks: torch.Tensor, config: AugmentConfig,
     warped_masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                                  align_corners=False)[:, 0]
     return random_gamma(warped, config, generator), warped_masks.to(masks.dtype)
+
+
+EPISODE_KEYS = ("support_image", "support_mask", "query_image", "query_label")
+
+
+def mirror_episode(episode: dict[str, torch.Tensor], rng) -> dict[str, torch.Tensor]:
+    """Support and query flipped alike along each in-plane axis, each with probability 1/2.
+
+    Scans come stored left-right and front-back either way (CHAOS as LAS, OpenKBP as RAS); a
+    model trained on one storage loses 3-7 Dice points on the mirrored one. Flipping the whole
+    episode teaches features that do not depend on it, while support and query stay in the same
+    frame, as they are in use. ``rng``: the episode's numpy Generator (drawn after all else).
+    """
+    dims = [dim for dim in (-2, -1) if rng.random() < 0.5]
+    if not dims:
+        return episode
+    return {key: torch.flip(value, dims) if key in EPISODE_KEYS else value for key, value in episode.items()}

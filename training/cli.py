@@ -54,6 +54,9 @@ def _episode_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude-classes", type=int, nargs="*", default=[],
                         help="setting 2: drop every slice holding any of these label values")
     parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--mirror", action="store_true",
+                        help="flip each episode in-plane at random (ours, not the reference's): a model that "
+                             "does not depend on which way scans are stored left-right and front-back")
 
 
 def _optim(args: argparse.Namespace, **overrides):
@@ -73,7 +76,7 @@ def _stage2_config(args: argparse.Namespace, network=None):
     config = Stage2Config(
         data_dirs=args.data, run_dir=args.out, phantoms=args.phantoms, exclude=args.exclude,
         hold_out=not args.no_hold_out, excluded_classes=args.exclude_classes, crop=args.crop, seed=args.seed,
-        batch=args.batch, workers=args.workers, device=args.device, optim=_optim(args))
+        batch=args.batch, workers=args.workers, device=args.device, optim=_optim(args), mirror=args.mirror)
     if network is not None:
         config.network = network
     return config

@@ -13,7 +13,7 @@ import torch
 
 from src_data.datasets import PreparedScan
 
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, augment, mirror_episode
 
 
 def usable_slices(scans: Sequence[PreparedScan], excluded_classes: Sequence[int] = ()) -> np.ndarray:
@@ -60,8 +60,10 @@ class SuperpixelEpisodes(torch.utils.data.Dataset):
     and query are two independent augmentations of the same slice and superpixel mask."""
 
     def __init__(self, scans: Sequence[PreparedScan], crop: int = 256, seed: int = 0,
-                 excluded_classes: Sequence[int] = (), augment_config: AugmentConfig | None = None) -> None:
+                 excluded_classes: Sequence[int] = (), augment_config: AugmentConfig | None = None,
+                 mirror: bool = False) -> None:
         self.scans = list(scans)
+        self.mirror = mirror
         self.crop = crop
         self.seed = seed
         self.augment_config = augment_config or AugmentConfig()
@@ -86,5 +88,6 @@ class SuperpixelEpisodes(torch.utils.data.Dataset):
         images = torch.from_numpy(image)[None, None].expand(2, 1, -1, -1).contiguous()
         masks = torch.from_numpy(mask)[None].expand(2, -1, -1).contiguous()
         images, masks = augment(images, masks, self.augment_config, generator)
-        return {"support_image": images[0], "support_mask": masks[0].long(),
-                "query_image": images[1], "query_label": masks[1].long(), "index": torch.tensor(index)}
+        episode = {"support_image": images[0], "support_mask": masks[0].long(),
+                   "query_image": images[1], "query_label": masks[1].long(), "index": torch.tensor(index)}
+        return mirror_episode(episode, rng) if self.mirror else episode

@@ -28,7 +28,7 @@ from napari_densemp.checkpoint import load_checkpoint
 from napari_densemp.engine import chunk_centres
 from src_data.datasets import PreparedScan
 
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, augment, mirror_episode
 from .episodes import SuperpixelEpisodes, crop_or_pad
 from .loop import Distributed, OptimConfig, RunInfo, data_loader, resume_step, train
 from .stage2 import Stage2Config, collect_scans, episode_inputs, prepare_all
@@ -42,11 +42,13 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
     def __init__(self, scans: Sequence[PreparedScan], crop: int = 256, seed: int = 0,
                  excluded_classes: Sequence[int] = (), labelled: float = 0.25, chunks: int = 3,
                  augment_config: AugmentConfig | None = None, groups: Sequence[str] | None = None,
-                 hidden_classes: Sequence[int] = (), in_volume: float = 0.0, margin: int = 3) -> None:
+                 hidden_classes: Sequence[int] = (), in_volume: float = 0.0, margin: int = 3,
+                 mirror: bool = False) -> None:
         """``groups``: the data set of each scan; label values name a class only within a group
         (CHAOS' 1 is the liver, OpenKBP's the brainstem). ``hidden_classes`` (the test classes)
         are never labelled episodes; their slices stay unless ``excluded_classes`` drops them."""
-        self.superpixel = SuperpixelEpisodes(scans, crop, seed, excluded_classes, augment_config)
+        self.superpixel = SuperpixelEpisodes(scans, crop, seed, excluded_classes, augment_config, mirror)
+        self.mirror = mirror
         self.scans, self.crop, self.seed, self.labelled, self.chunks = list(scans), crop, seed, labelled, chunks
         self.in_volume = in_volume
         self.augment_config = augment_config or AugmentConfig()
@@ -132,9 +134,10 @@ class FinetuneEpisodes(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         q_images, q_masks = augment(torch.from_numpy(q_image)[None, None], torch.from_numpy(q_mask)[None],
                                     self.augment_config, generator)
-        return {"support_image": torch.from_numpy(s_image)[None], "support_mask": torch.from_numpy(s_mask).long(),
-                "query_image": q_images[0], "query_label": q_masks[0].long(), "index": torch.tensor(index),
-                "labelled": torch.tensor(True)}
+        episode = {"support_image": torch.from_numpy(s_image)[None], "support_mask": torch.from_numpy(s_mask).long(),
+                   "query_image": q_images[0], "query_label": q_masks[0].long(), "index": torch.tensor(index),
+                   "labelled": torch.tensor(True)}
+        return mirror_episode(episode, rng) if self.mirror else episode
 
 
 def _centre(mask: np.ndarray) -> tuple[float, float]:
@@ -158,13 +161,15 @@ def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
     scans = prepare_all(records, start_from.preprocessing, config.data.prepared_dir)
     dataset = FinetuneEpisodes(scans, config.data.crop, config.data.seed, config.data.excluded_classes,
                                config.labelled, groups=[str(r.image.parent) for r in records],
-                               hidden_classes=config.data.hidden_classes, in_volume=config.in_volume)
+                               hidden_classes=config.data.hidden_classes, in_volume=config.in_volume,
+                               mirror=config.data.mirror)
     start = resume_step(config.data.run_dir) if resume else 0
     loader = data_loader(dataset, start, config.data.batch, config.optim, dist, config.data.workers)
     info = RunInfo(stage="finetune", data=[r.name for r in records], seed=config.data.seed,
                    extra={"from": str(config.stage2), "from_provenance": start_from.provenance,
                           "classes": [f"{Path(g).name}:{v}" for g, v in dataset.classes],
                           "labelled_p": config.labelled, "in_volume_p": config.in_volume,
+                          "mirror": config.data.mirror,
                           "excluded_classes": config.data.excluded_classes,
                           "support_scans": {f"{Path(g).name}:{v}": dataset.scans[s].name
                                             for (g, v), (s, _) in dataset.supports.items()}})

@@ -42,6 +42,7 @@ class Stage2Config:
     init_backbone: Path | None = None  # stage-1 export or torchvision ResNet weights
     cache_dir: Path | None = None  # prepared scans (superpixels); default: the run folder's
     hidden_classes: list[int] = field(default_factory=list)  # fine-tuning: never a labelled class (test classes)
+    mirror: bool = False  # episodes flipped in-plane at random (ours; the reference has no flips)
 
     @property
     def prepared_dir(self) -> Path:
@@ -109,11 +110,12 @@ def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
         load_backbone(model, config.init_backbone)
     start = resume_step(config.run_dir) if resume else 0
     dataset = SuperpixelEpisodes(scans, crop=config.crop, seed=config.seed,
-                                 excluded_classes=config.excluded_classes)
+                                 excluded_classes=config.excluded_classes, mirror=config.mirror)
     loader = data_loader(dataset, start, config.batch, config.optim, dist, config.workers)
     info = RunInfo(stage="stage2", data=[r.name for r in records], seed=config.seed,
                    extra={"excluded_classes": config.excluded_classes, "episode_slices": len(dataset.slices),
-                          "batch": config.batch, "init_backbone": str(config.init_backbone or "")})
+                          "batch": config.batch, "init_backbone": str(config.init_backbone or ""),
+                          "mirror": config.mirror})
     log.info("stage 2 on %d scans, %d usable slices", len(scans), len(dataset.slices))
     return train(model, loader, episode_inputs, lambda m: m, config.profile, config.optim, config.run_dir, info,
                  dist, resume=resume)
