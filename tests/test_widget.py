@@ -40,6 +40,34 @@ def _run(widget) -> None:
     widget.wait()
 
 
+def _paint_right_kidney_too(viewer) -> np.ndarray:
+    """Add the sample's right kidney (label 2), painted on its largest slice, to the liver
+    painting; returns the kidney's truth on the display grid."""
+    phantom = make_phantom(seed=7, modality="ct")
+    kidney = Geometry.from_metadata(viewer.layers["phantom CT"].metadata).display(phantom.label == RIGHT_KIDNEY)
+    painted = viewer.layers["liver painted"]
+    data = painted.data.copy()
+    z = int(kidney.sum(axis=(1, 2)).argmax())
+    data[z][kidney[z]] = RIGHT_KIDNEY
+    painted.data = data
+    return kidney
+
+
+def _segment_in_another_open_ct(viewer, widget):
+    """Open phantom 21 as "other CT" and run "Segment in the other open images" from the sample;
+    returns the phantom and its labels on the layer's display grid."""
+    from napari_densemp.napari_io import layer_from_array
+
+    other = make_phantom(seed=21, modality="ct")
+    data, kwargs, _ = layer_from_array(other.image, other.affine, "other CT")
+    viewer.add_image(data, **kwargs)
+    widget.reset_choices()
+    widget._image.value = viewer.layers["phantom CT"]
+    widget.segment_open_images()
+    widget.wait()
+    return other, Geometry.from_metadata(kwargs["metadata"]).display(other.label)
+
+
 def test_widget_propagates_the_painted_liver(viewer_with_sample):
     viewer, widget = viewer_with_sample
     painted_before = viewer.layers["liver painted"].data.copy()
@@ -127,14 +155,7 @@ def test_result_into_a_chosen_layer_keeps_its_other_labels(viewer_with_sample):
 
 def test_several_painted_structures_are_propagated_into_one_layer(viewer_with_sample):
     viewer, widget = viewer_with_sample
-    phantom = make_phantom(seed=7, modality="ct")
-    geometry = Geometry.from_metadata(viewer.layers["phantom CT"].metadata)
-    kidney = geometry.display(phantom.label == RIGHT_KIDNEY)
-    painted = viewer.layers["liver painted"]
-    data = painted.data.copy()
-    z = int(kidney.sum(axis=(1, 2)).argmax())
-    data[z][kidney[z]] = RIGHT_KIDNEY
-    painted.data = data
+    kidney = _paint_right_kidney_too(viewer)
     _run(widget)
     result = viewer.layers["phantom CT propagated"]
     assert set(np.unique(result.data)) == {0, RIGHT_KIDNEY, LIVER}
@@ -190,19 +211,11 @@ def test_bad_input_is_a_notification_and_changes_nothing(viewer_with_sample, tmp
 
 def test_segment_the_same_structure_in_other_open_images_and_a_folder(viewer_with_sample, tmp_path):
     from napari_densemp.io import read_nifti, write_nifti
-    from napari_densemp.napari_io import layer_from_array
 
     viewer, widget = viewer_with_sample
-    other = make_phantom(seed=21, modality="ct")
-    data, kwargs, _ = layer_from_array(other.image, other.affine, "other CT")
-    viewer.add_image(data, **kwargs)
-    widget.reset_choices()
-    widget._image.value = viewer.layers["phantom CT"]
-    widget.segment_open_images()
-    widget.wait()
+    other, labels = _segment_in_another_open_ct(viewer, widget)
     found = viewer.layers["other CT 6 like phantom CT"]
-    truth = Geometry.from_metadata(kwargs["metadata"]).display(other.label == LIVER)
-    assert dice(found.data == LIVER, truth) > 0.7
+    assert dice(found.data == LIVER, labels == LIVER) > 0.7
     assert tuple(found.scale) == tuple(viewer.layers["other CT"].scale)
 
     scans, results = tmp_path / "scans", tmp_path / "results"
@@ -220,24 +233,10 @@ def test_segment_the_same_structure_in_other_open_images_and_a_folder(viewer_wit
 
 
 def test_several_painted_structures_are_found_in_the_other_open_images(viewer_with_sample):
-    from napari_densemp.napari_io import layer_from_array
-
     viewer, widget = viewer_with_sample
-    phantom, other = make_phantom(seed=7, modality="ct"), make_phantom(seed=21, modality="ct")
-    kidney = Geometry.from_metadata(viewer.layers["phantom CT"].metadata).display(phantom.label == RIGHT_KIDNEY)
-    painted = viewer.layers["liver painted"]
-    data = painted.data.copy()
-    z = int(kidney.sum(axis=(1, 2)).argmax())
-    data[z][kidney[z]] = RIGHT_KIDNEY
-    painted.data = data
-    layer_data, kwargs, _ = layer_from_array(other.image, other.affine, "other CT")
-    viewer.add_image(layer_data, **kwargs)
-    widget.reset_choices()
-    widget._image.value = viewer.layers["phantom CT"]
-    widget.segment_open_images()
-    widget.wait()
+    _paint_right_kidney_too(viewer)
+    _, labels = _segment_in_another_open_ct(viewer, widget)
     found = viewer.layers["other CT like phantom CT"]
-    labels = Geometry.from_metadata(kwargs["metadata"]).display(other.label)
     assert set(np.unique(found.data)) == {0, RIGHT_KIDNEY, LIVER}
     assert dice(found.data == LIVER, labels == LIVER) > 0.7
     assert dice(found.data == RIGHT_KIDNEY, labels == RIGHT_KIDNEY) > 0.3
