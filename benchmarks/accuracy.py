@@ -85,9 +85,11 @@ def score_structure(volume: np.ndarray, spacing, truth: np.ndarray, model, optio
 
 # Another hospital may store the same anatomy flipped or with the in-plane axes swapped: each
 # view is applied to scan and label alike (the model sees the stored grid; training saw LAS,
-# RAS and LPS storage, never swapped axes).
+# RAS and LPS storage, never swapped axes). flip-xy turns OpenKBP's RAS into the LPS order of a
+# DICOM series as napari_densemp.dicom reads it (CHAOS' LAS needs flip-y for that).
 VIEWS = {"stored": (lambda a: a, False), "flip-x": (lambda a: a[::-1], False), "flip-y": (lambda a: a[:, ::-1], False),
-         "transpose": (lambda a: a.transpose(1, 0, 2), True), "rot90": (lambda a: np.rot90(a, 1, (0, 1)), True)}
+         "flip-xy": (lambda a: a[::-1, ::-1], False), "transpose": (lambda a: a.transpose(1, 0, 2), True),
+         "rot90": (lambda a: np.rot90(a, 1, (0, 1)), True)}
 
 
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,

@@ -20,7 +20,7 @@ import torch
 from scipy import ndimage
 
 from napari_densemp.devices import pick_device, use_bf16
-from napari_densemp.engine import FeatureCache, Model, compute_features, load_model, propagate
+from napari_densemp.engine import FeatureCache, Model, compute_features, load_model, parse_rules, propagate
 from napari_densemp.network import FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile
 from src_data.phantoms import LIVER, make_phantom
@@ -61,27 +61,31 @@ def speed(args: argparse.Namespace, model: Model | None = None) -> None:
     image, painted, _ = phantom_volume((256, 256, 100))
     spacing = (model.profile.in_plane_spacing_mm, model.profile.in_plane_spacing_mm, 2.5)
     slices = np.moveaxis(image, 2, 0)
-    propagate(image, painted, model, spacing=spacing)  # warm-up (allocator, oneDNN kernels)
+    options = model.default_options(**parse_rules(args.rule))
+    propagate(image, painted, model, spacing=spacing, options=options)  # warm-up (allocator, oneDNN kernels)
     backbone = best_of(lambda: compute_features(model, slices, spacing[:2]), args.repeats)
-    whole = best_of(lambda: propagate(image, painted, model, spacing=spacing), args.repeats)
+    whole = best_of(lambda: propagate(image, painted, model, spacing=spacing, options=options), args.repeats)
     cache = FeatureCache()
-    propagate(image, painted, model, spacing=spacing, cache=cache)
-    rerun = best_of(lambda: propagate(image, painted, model, spacing=spacing, cache=cache), args.repeats)
+    propagate(image, painted, model, spacing=spacing, options=options, cache=cache)
+    rerun = best_of(lambda: propagate(image, painted, model, spacing=spacing, options=options, cache=cache),
+                    args.repeats)
     precision = "bf16 autocast" if model.uses_bf16 else "fp32"
-    print(f"model {model.name}, {model.device}, {precision}, {torch.get_num_threads()} threads")
+    print(f"model {model.name}, {model.device}, {precision}, {torch.get_num_threads()} threads"
+          + (f", rules {' '.join(args.rule)}" if args.rule else ""))
     print("100 slices of 256x256:")
     print(f"  whole propagation   {whole:6.2f} s   {1000 * whole / 100:6.1f} ms/slice")
-    print(f"  backbone alone      {backbone:6.2f} s   {1000 * backbone / 100:6.1f} ms/slice")
+    print(f"  backbone alone      {backbone:6.2f} s   {1000 * backbone / 100:6.1f} ms/slice (one pass)")
     print(f"  ratio whole/backbone {whole / backbone:5.2f}")
     print(f"  re-run (cached)     {rerun:6.2f} s")
 
 
-def memory_child(model_source: str, device: str) -> None:
+def memory_child(model_source: str, device: str, rules: list[str]) -> None:
     image, painted, spacing = phantom_volume((512, 512, 300))
     model = load_model(model_source, device)
+    options = model.default_options(**parse_rules(rules))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    result = propagate(image, painted, model, spacing=spacing)
+    result = propagate(image, painted, model, spacing=spacing, options=options)
     print(json.dumps({"seconds": time.perf_counter() - start, "input_mb": image.nbytes / 1e6,
                       "rss_before_mb": before / 1024, "peak_rss_mb": resource.getrusage(
                           resource.RUSAGE_SELF).ru_maxrss / 1024, "voxels": int(result.mask.sum())}))
@@ -93,13 +97,15 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fp32", action="store_true")
+    parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="propagation rules (PropagationOptions fields), e.g. mirror_average=1")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backbones", nargs="*", metavar="DEPTH:LAYER",
                         help="time backbone candidates instead (e.g. 18:3 18:4 34:3 50:3)")
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.model, args.device)
+        memory_child(args.model, args.device, args.rule)
         return 0
     if args.backbones:
         for item in args.backbones:
@@ -109,7 +115,8 @@ def main() -> int:
     speed(args)
     if args.memory:
         out = subprocess.run([sys.executable, __file__, "--memory-child", "--model", args.model,
-                              "--device", args.device], check=True, capture_output=True, text=True)
+                              "--device", args.device, "--rule", *args.rule],
+                             check=True, capture_output=True, text=True)
         figures = json.loads(out.stdout.strip().splitlines()[-1])
         print("512x512x300 CT (float32 input "
               f"{figures['input_mb']:.0f} MB): {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB "

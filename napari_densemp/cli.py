@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--between-painted", action="store_true",
                         help="segment only between the first and last painted slice")
+    parser.add_argument("--mirror-average", action=argparse.BooleanOptionalAction,
+                        help="also segment the scan mirrored left-right and average, so the result does not "
+                             "depend on how the scanner stored left and right (twice the backbone time); "
+                             "default: the model's own setting (off for the bundled models)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
@@ -79,12 +83,14 @@ def _progress_bar():
 
 def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_source: str = "default",
                  label: int | None = None, axis: int | None = None, modality: str = "auto", device: str = "auto",
-                 between_painted: bool = False, overwrite: bool = False) -> dict:
+                 between_painted: bool = False, overwrite: bool = False,
+                 mirror_average: bool | None = None) -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`).
     With several label values painted and no ``label``, every structure is propagated and the
-    output holds the painted values; with one, the output is 0/1.
+    output holds the painted values; with one, the output is 0/1. ``mirror_average=None`` keeps
+    the model's own setting.
     """
     from .engine import load_model, painted_labels, painting_axis, propagate, propagate_labels
 
@@ -107,7 +113,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     labels = painted_labels(painted)
     several = label is None and len(labels) > 1
     model = load_model(model_source, device)
-    options = model.default_options(between_painted_only=between_painted)
+    options = model.default_options(between_painted_only=between_painted, **_mirror(mirror_average))
     update, close = _progress_bar()
     try:
         if several:
@@ -127,6 +133,11 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
                   for value, r in results.items()}
     return {"out": out_path, "axis": axis, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
+
+
+def _mirror(choice: bool | None) -> dict:
+    """``--mirror-average`` / ``--no-mirror-average`` as an options override; none: the model's."""
+    return {} if choice is None else {"mirror_average": choice}
 
 
 def _axis(choice: str, painted: np.ndarray | None = None) -> int | None:
@@ -169,7 +180,8 @@ def run_folder(args: argparse.Namespace) -> int:
             tqdm.write(f"{row.scan}: failed: {row.message}", file=sys.stderr)
 
     try:
-        rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask), overwrite=args.overwrite,
+        rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask),
+                              model.default_options(**_mirror(args.mirror_average)), overwrite=args.overwrite,
                               on_scan=done)
     finally:
         bar.close()
@@ -227,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give IMAGE PAINTED -o OUT (or --demo)")
         start = time.perf_counter()
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
-                               args.modality, args.device, args.between_painted, args.overwrite)
+                               args.modality, args.device, args.between_painted, args.overwrite,
+                               args.mirror_average)
         structures = summary["structures"]
         for value, structure in structures.items():
             rng = structure["slice_range"]

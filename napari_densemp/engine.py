@@ -106,6 +106,7 @@ class VolumeFeatures:
     native_size: tuple[int, int]
     modality: Modality
     seconds: float
+    mirrored: VolumeFeatures | None = None  # the slices mirrored along their first in-plane axis
 
 
 class FeatureCache:
@@ -148,8 +149,8 @@ def _check_cancel(cancel: Callable[[], bool] | None) -> None:
 
 def compute_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float],
                      modality: Modality | Literal["auto"] = "auto", batch_size: int = 8,
-                     progress: ProgressCallback | None = None,
-                     cancel: Callable[[], bool] | None = None) -> VolumeFeatures:
+                     progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
+                     stage: str = "computing features") -> VolumeFeatures:
     """Run the backbone over (S, H, W) slices in batches (bf16 where the hardware has it)."""
     start = time.perf_counter()
     prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
@@ -164,7 +165,7 @@ def compute_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, 
             batch = batch.contiguous(memory_format=torch.channels_last)
             chunks.append(model.network.embed(batch).to("cpu", dtype).contiguous())
             if progress is not None:
-                progress(min(first + batch_size, total), total, "computing features")
+                progress(min(first + batch_size, total), total, stage)
     return VolumeFeatures(torch.cat(chunks), tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality,
                           time.perf_counter() - start)
 
@@ -192,6 +193,10 @@ class PropagationOptions:
     seed_candidates: int = 5  # query slices tried as seeds; the walk with most confident mass wins
     support_chunks: int = 3  # supports taken from a 3D support mask (the paper uses 3)
     calibrate_threshold: bool = True  # output threshold: the one that best redraws the painting on its slice
+    # Also score the slices mirrored along their first in-plane axis (left-right on axial and coronal
+    # slices) and average: the result no longer depends on how a scanner stored left and right, for
+    # twice the backbone's time.
+    mirror_average: bool = False
 
 
 def parse_rules(items: list[str]) -> dict:
@@ -299,6 +304,9 @@ def slice_prototypes(model: Model, feats: VolumeFeatures, masks: dict[int, torch
     return out
 
 
+Scorer = Callable[..., np.ndarray]  # (z, step=1) -> slice z's foreground probability on the model grid
+
+
 class SliceScorer:
     """Foreground probability of a slice on the model grid, computed on first request.
 
@@ -346,6 +354,38 @@ class SliceScorer:
         return self._cache[z]
 
 
+class MirrorAveragedScorer:
+    """The mean of a volume's scorer and its mirrored volume's scorer (mirrored back): a prediction
+    that mirrors exactly with the scan."""
+
+    def __init__(self, plain: SliceScorer, mirrored: SliceScorer) -> None:
+        self.plain, self.mirrored = plain, mirrored
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, z: int, step: int = 1) -> np.ndarray:
+        if z not in self._cache:
+            self._cache[z] = 0.5 * (self.plain(z, step) + self.mirrored(z, step)[::-1])
+        return self._cache[z]
+
+
+def make_scorer(model: Model, feats: VolumeFeatures, support: VolumeFeatures, masks: dict[int, torch.Tensor],
+                anchors: dict[int, int] | None = None, cancel: Callable[[], bool] | None = None) -> Scorer:
+    """Score ``feats``' slices against the prototypes of ``support``'s slices under ``masks`` (grid
+    masks by support slice), anchored at the slices ``anchors`` maps to them (default: the same
+    slices). Averaged with the mirrored slices when both volumes carry them."""
+    anchors = anchors if anchors is not None else {z: z for z in masks}
+
+    def scorer(query: VolumeFeatures, source: VolumeFeatures, grid: dict[int, torch.Tensor]) -> SliceScorer:
+        prototypes = slice_prototypes(model, source, grid)
+        return SliceScorer(model, query, {z: prototypes[s] for z, s in anchors.items()}, cancel)
+
+    plain = scorer(feats, support, masks)
+    if feats.mirrored is None or support.mirrored is None:
+        return plain
+    mirrored_masks = {z: torch.flip(m, dims=(0,)) for z, m in masks.items()}
+    return MirrorAveragedScorer(plain, scorer(feats.mirrored, support.mirrored, mirrored_masks))
+
+
 def _near(previous: np.ndarray, margin_mm: float, pixel_mm: tuple[float, float]) -> np.ndarray:
     """Pixels within ``margin_mm`` of ``previous``: a Euclidean dilation computed in its
     bounding box only, which keeps the walk cheap on large slices."""
@@ -378,7 +418,7 @@ def _kept(prob: np.ndarray, previous: np.ndarray, options: PropagationOptions,
     return kept
 
 
-def _walk(prob: Callable[[int, int], np.ndarray], n: int, painted: dict[int, np.ndarray],
+def _walk(prob: Scorer, n: int, painted: dict[int, np.ndarray],
           limits: tuple[int, int], options: PropagationOptions,
           pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
     """Grow the structure slice by slice away from each painted slice until it ends.
@@ -418,7 +458,7 @@ def _walk(prob: Callable[[int, int], np.ndarray], n: int, painted: dict[int, np.
     return region
 
 
-def _calibrated_threshold(prob: Callable[[int], np.ndarray], painted: dict[int, np.ndarray],
+def _calibrated_threshold(prob: Scorer, painted: dict[int, np.ndarray],
                           options: PropagationOptions, pixel_mm: tuple[float, float]) -> float:
     """The output threshold that best redraws the painting from the network's prediction on
     the painted slice(s): the walk finds where the structure is with ``options.threshold``;
@@ -452,16 +492,24 @@ def _check_axis_spacing(axis: int, spacing: tuple[float, float, float]) -> int:
 
 def _volume_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str,
                      cache: FeatureCache | None, progress: ProgressCallback | None,
-                     cancel: Callable[[], bool] | None) -> tuple[VolumeFeatures, bool]:
-    """Backbone features of (S, H, W) slices, from the cache when it has them."""
+                     cancel: Callable[[], bool] | None, mirrored: bool = False) -> tuple[VolumeFeatures, float]:
+    """Backbone features of (S, H, W) slices (and of the mirrored slices when ``mirrored``), from
+    the cache when it has them; returns them and the seconds spent computing (0: all reused)."""
     key = FeatureCache.key(model, slices, spacing_hw, modality) if cache is not None else None
     feats = cache.get(key) if cache is not None else None
-    if feats is not None:
-        return feats, True
-    feats = compute_features(model, slices, spacing_hw, modality, progress=progress, cancel=cancel)
-    if cache is not None:
+    seconds = 0.0
+    if feats is None:
+        feats = compute_features(model, slices, spacing_hw, modality, progress=progress, cancel=cancel)
+        seconds += feats.seconds
+    if mirrored and feats.mirrored is None:
+        # The same modality as the plain slices: the mirror must not change how they are normalised.
+        mirror = compute_features(model, np.ascontiguousarray(slices[:, ::-1]), spacing_hw, feats.modality,
+                                  progress=progress, cancel=cancel, stage="computing mirrored features")
+        feats = replace(feats, mirrored=mirror)
+        seconds += mirror.seconds
+    if cache is not None and seconds > 0:
         cache.put(key, feats)
-    return feats, False
+    return feats, seconds
 
 
 def _grid_masks(mask: np.ndarray, slices: list[int], feats: VolumeFeatures) -> dict[int, torch.Tensor]:
@@ -480,7 +528,7 @@ def _pixel_mm(spacing_hw: tuple[float, float], feats: VolumeFeatures) -> tuple[f
     return tuple(s * n / g for s, n, g in zip(spacing_hw, feats.native_size, feats.grid_size))
 
 
-def _render(scorer: SliceScorer, region: dict[int, np.ndarray], feats: VolumeFeatures, threshold: float,
+def _render(scorer: Scorer, region: dict[int, np.ndarray], feats: VolumeFeatures, threshold: float,
             n_slices: int) -> tuple[np.ndarray, np.ndarray]:
     """The kept regions drawn on the native grid, and the per-slice confidence."""
     confidence = np.zeros(n_slices, dtype=np.float32)
@@ -530,10 +578,11 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     spacing_hw = tuple(float(s) for i, s in enumerate(spacing) if i != axis)
     painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
 
-    feats, reused = _volume_features(model, slices, spacing_hw, modality, cache, progress, cancel)
+    feats, seconds = _volume_features(model, slices, spacing_hw, modality, cache, progress, cancel,
+                                      options.mirror_average)
     start = time.perf_counter()
     painted_by_slice = _grid_masks(paint, painted_slices, feats)
-    scorer = SliceScorer(model, feats, slice_prototypes(model, feats, painted_by_slice), cancel)
+    scorer = make_scorer(model, feats, feats, painted_by_slice, cancel=cancel)
     if progress is not None:
         progress(0, 1, "propagating")
     n_slices = paint.shape[0]
@@ -549,8 +598,8 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         progress(1, 1, "propagating")
     return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
-                             seconds_features=0.0 if reused else feats.seconds,
-                             seconds_head=time.perf_counter() - start, reused_features=reused)
+                             seconds_features=seconds, seconds_head=time.perf_counter() - start,
+                             reused_features=seconds == 0)
 
 
 def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
@@ -673,22 +722,24 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     areas = support.reshape(len(support), -1).sum(axis=1)
     reference = int(np.argmax(areas))
 
-    s_feats, _ = _volume_features(model, support_slices, support_hw, modality, cache, progress, cancel)
-    q_feats, reused = _volume_features(model, query, query_hw, modality, cache, progress, cancel)
+    s_feats, _ = _volume_features(model, support_slices, support_hw, modality, cache, progress, cancel,
+                                  options.mirror_average)
+    q_feats, seconds = _volume_features(model, query, query_hw, modality, cache, progress, cancel,
+                                        options.mirror_average)
     start = time.perf_counter()
     if progress is not None:
         progress(0, 1, "finding the structure")
     s_masks = _grid_masks(support, painted, s_feats)
     s_pixel, q_pixel = _pixel_mm(support_hw, s_feats), _pixel_mm(query_hw, q_feats)
-    reference_protos = slice_prototypes(model, s_feats, {reference: s_masks[reference]})[reference]
+    reference_mask = {reference: s_masks[reference]}
 
     # Width: the threshold that best redraws the support from its own prototypes.
-    own = SliceScorer(model, s_feats, {reference: reference_protos}, cancel)
+    own = make_scorer(model, s_feats, s_feats, reference_mask, cancel=cancel)
     threshold = _calibrated_threshold(own, {reference: _seed(s_masks[reference])}, options, s_pixel) \
         if options.calibrate_threshold else options.threshold
     # Pass 1: where is it? Score every query slice against the reference support slice.
     n = query.shape[0]
-    scorer = SliceScorer(model, q_feats, {0: reference_protos}, cancel)
+    scorer = make_scorer(model, q_feats, s_feats, reference_mask, {0: reference}, cancel)
     target_mm2 = float(areas[reference]) * support_hw[0] * support_hw[1]
     q_area = q_pixel[0] * q_pixel[1]
     scores, regions = np.zeros(n), {}
@@ -722,9 +773,8 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
             support_centres = chunk_centres(painted, chunks)
             query_centres = chunk_centres(list(range(extent[0], extent[-1] + 1)), chunks)
             if len(support_centres) == len(query_centres):
-                protos = slice_prototypes(model, s_feats, {s: s_masks[s] for s in support_centres})
-                anchored = {q: protos[s] for q, s in zip(query_centres, support_centres)}
-                scorer = SliceScorer(model, q_feats, anchored, cancel)
+                scorer = make_scorer(model, q_feats, s_feats, {s: s_masks[s] for s in support_centres},
+                                     dict(zip(query_centres, support_centres)), cancel)
                 seeds = {q: region[q] for q in query_centres}
                 region = _walk(scorer, n, seeds, (0, n - 1), walk_options, q_pixel)
                 found_at = query_centres
@@ -732,8 +782,8 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     if progress is not None:
         progress(1, 1, "finding the structure")
     return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence, slice_range=_slice_range(out),
-                             painted_slices=[], seconds_features=0.0 if reused else q_feats.seconds,
-                             seconds_head=time.perf_counter() - start, reused_features=reused, found_at=found_at)
+                             painted_slices=[], seconds_features=seconds,
+                             seconds_head=time.perf_counter() - start, reused_features=seconds == 0, found_at=found_at)
 
 
 def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, query_volume: np.ndarray,

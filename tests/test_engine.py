@@ -174,6 +174,29 @@ def test_second_run_reuses_features_and_uses_every_painted_slice(ct_phantom, def
     assert second.slice_range == (low, high)
 
 
+def test_mirror_averaging_makes_the_result_mirror_with_the_scan(ct_phantom, default_model, monkeypatch):
+    """A scan stored mirrored left-right gets exactly the mirrored mask (without averaging the
+    default model's masks differ), as good as without; a re-run reuses both feature sets."""
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    truth = ct_phantom.label == LIVER
+    spacing, options = ct_phantom.spacing, PropagationOptions(mirror_average=True)
+    image, mirrored_image, mirrored_paint = ct_phantom.image, ct_phantom.image[::-1].copy(), painted[::-1].copy()
+    plain = [propagate(v, p, default_model, spacing=spacing).mask for v, p in
+             ((image, painted), (mirrored_image, mirrored_paint))]
+    assert dice(plain[0], plain[1][::-1]) < 0.99
+    cache = FeatureCache()
+    stored = propagate(image, painted, default_model, spacing=spacing, options=options, cache=cache)
+    mirrored = propagate(mirrored_image, mirrored_paint, default_model, spacing=spacing, options=options)
+    np.testing.assert_array_equal(mirrored.mask[::-1], stored.mask)
+    assert dice(stored.mask, truth) >= dice(plain[0], truth) - 0.02
+    calls = []
+    original = default_model.network.embed
+    monkeypatch.setattr(default_model.network, "embed", lambda x: calls.append(1) or original(x))
+    again = propagate(image, painted, default_model, spacing=spacing, options=options, cache=cache)
+    assert calls == [] and again.reused_features and not stored.reused_features
+    np.testing.assert_array_equal(again.mask, stored.mask)
+
+
 def test_cancel_stops_a_run(ct_phantom, default_model):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     seen = []
