@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, parse_rules, propagate
@@ -69,13 +70,15 @@ def copy_baselines(truth: np.ndarray, z: int) -> tuple[float, float]:
     return dice(everywhere, truth), dice(everywhere & zs[None, None, :], truth)
 
 
-def score_structure(volume: np.ndarray, spacing, truth: np.ndarray, model, options: PropagationOptions,
+def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, model, options: PropagationOptions,
                     cache: FeatureCache) -> tuple[float, float, float, str, str, float]:
     """Paint ``truth``'s slice of largest area, propagate, and score the whole volume: (Dice,
     copy-all Dice, copy-z Dice, range found, true range, seconds)."""
     painted, z = paint_largest_slice(truth)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     start = time.perf_counter()
-    result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=2, options=options, cache=cache)
+    result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=2, options=options, cache=cache,
+                       affine=affine)
     seconds = time.perf_counter() - start
     zs = np.flatnonzero(truth.any(axis=(0, 1)))
     all_copy, z_copy = copy_baselines(truth, z)
@@ -84,12 +87,19 @@ def score_structure(volume: np.ndarray, spacing, truth: np.ndarray, model, optio
 
 
 # Another hospital may store the same anatomy flipped or with the in-plane axes swapped: each
-# view is applied to scan and label alike (the model sees the stored grid; training saw LAS,
-# RAS and LPS storage, never swapped axes). flip-xy turns OpenKBP's RAS into the LPS order of a
-# DICOM series as napari_densemp.dicom reads it (CHAOS' LAS needs flip-y for that).
-VIEWS = {"stored": (lambda a: a, False), "flip-x": (lambda a: a[::-1], False), "flip-y": (lambda a: a[:, ::-1], False),
-         "flip-xy": (lambda a: a[::-1, ::-1], False), "transpose": (lambda a: a.transpose(1, 0, 2), True),
-         "rot90": (lambda a: np.rot90(a, 1, (0, 1)), True)}
+# view reorders scan and label alike and moves the affine with them (nibabel orientation
+# transforms: per stored axis, its new axis and direction). flip-xy turns OpenKBP's RAS into the
+# LPS order of a DICOM series as napari_densemp.dicom reads it (CHAOS' LAS needs flip-y for that).
+VIEWS = {"stored": [[0, 1], [1, 1], [2, 1]], "flip-x": [[0, -1], [1, 1], [2, 1]], "flip-y": [[0, 1], [1, -1], [2, 1]],
+         "flip-xy": [[0, -1], [1, -1], [2, 1]], "transpose": [[1, 1], [0, 1], [2, 1]],
+         "rot90": [[1, 1], [0, -1], [2, 1]]}  # rot90 = np.rot90(a, 1, (0, 1))
+
+
+def stored_as(view: str, volume: np.ndarray, label: np.ndarray, affine: np.ndarray):
+    """Scan, label and affine as another storage would hold them (see VIEWS)."""
+    ornt = np.array(VIEWS[view], dtype=float)
+    moved = [np.ascontiguousarray(nib.orientations.apply_orientation(a, ornt)) for a in (volume, label)]
+    return *moved, affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
 
 
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
@@ -97,19 +107,17 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
     range, seconds), painting the organ's slice of largest area and scoring the whole volume,
     with the scans stored as ``view`` says (see VIEWS)."""
-    reorder, swapped = VIEWS[view]
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
             print(f"{record.name}: no label file, skipped", file=sys.stderr)
             continue
-        volume, label = np.ascontiguousarray(reorder(scan.volume)), np.ascontiguousarray(reorder(scan.label))
-        spacing = (scan.spacing[1], scan.spacing[0], scan.spacing[2]) if swapped else scan.spacing
+        volume, label, affine = stored_as(view, scan.volume, scan.label, scan.affine)
         cache = FeatureCache()
         for organ in organs or [int(v) for v in np.unique(label) if v]:
             truth = label == organ
             if truth.any():
-                yield (record.name, organ, *score_structure(volume, spacing, truth, model, options, cache))
+                yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache))
 
 
 def mni152_scores(model, options: PropagationOptions):
@@ -119,12 +127,11 @@ def mni152_scores(model, options: PropagationOptions):
 
     template = datasets.load_mni152_template(resolution=1)
     volume = np.asarray(template.get_fdata(), dtype=np.float32)
-    spacing = tuple(float(s) for s in template.header.get_zooms()[:3])
     white = np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata()) > 0.5
     grey = np.asarray(datasets.load_mni152_gm_template(resolution=1).get_fdata()) > 0.5
     cache = FeatureCache()
     for name, truth in [("white", white), ("grey", grey), ("brain", white | grey)]:
-        yield ("mni152", name, *score_structure(volume, spacing, truth, model, options, cache))
+        yield ("mni152", name, *score_structure(volume, template.affine, truth, model, options, cache))
 
 
 def main(argv: list[str] | None = None) -> int:

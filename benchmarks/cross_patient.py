@@ -40,11 +40,13 @@ def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationO
                 continue
             painted, _ = paint_largest_slice(support_truth)
             start = time.perf_counter()
+            affines = dict(support_affine=support.affine, query_affine=query.affine)
             one = segment_like(support.volume, painted, query.volume, model, support.spacing, query.spacing,
-                               options=options, cache=cache)
+                               options=options, cache=cache, **affines)
             seconds = time.perf_counter() - start
             full = segment_like(support.volume, support_truth.astype(np.uint8), query.volume, model,
-                                support.spacing, query.spacing, options=options, cache=cache) if three_d else None
+                                support.spacing, query.spacing, options=options, cache=cache,
+                                **affines) if three_d else None
             paper = paper_protocol_mask(model, support.volume, support_truth, query.volume, truth,
                                         support.spacing, query.spacing, cache=cache)
             zs = np.flatnonzero(truth.any(axis=(0, 1)))

@@ -127,8 +127,9 @@ def segment_scan(support: Support, query: Scan, model: Model, axis: int = 2,
                  cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
     """The support's structures found and segmented in a query scan, on the query's own grid.
 
-    The query is brought into the support's orientation first (the model, its position priors
-    and the support's slices then agree on which way is which). Returns the mask (0/1 for one
+    The query is brought into the support's orientation first (its position priors and the
+    support's slices then agree on which way is which); the engine shows both to the model in
+    its training orientation. Returns the mask (0/1 for one
     structure, the support's label values for several) and each structure's result.
     """
     volume, affine, back = _to_orientation(query.data, query.affine, support.scan.affine)
@@ -136,11 +137,13 @@ def segment_scan(support: Support, query: Scan, model: Model, axis: int = 2,
     labels = [support.label] if support.label is not None else painted_labels(support.mask)
     if len(labels) == 1:
         result = segment_like(support.scan.data, support.mask, volume, model, support.scan.spacing, spacing,
-                              axis=axis, label=labels[0], options=options, cache=cache, cancel=cancel)
+                              axis=axis, label=labels[0], options=options, cache=cache, cancel=cancel,
+                              support_affine=support.scan.affine, query_affine=affine)
         values, results = result.mask.astype(np.uint8), {labels[0]: result}
     else:
         values, results = segment_like_labels(support.scan.data, support.mask, volume, model, support.scan.spacing,
-                                              spacing, axis=axis, options=options, cache=cache, cancel=cancel)
+                                              spacing, axis=axis, options=options, cache=cache, cancel=cancel,
+                                              support_affine=support.scan.affine, query_affine=affine)
     for result in results.values():
         result.mask = back(result.mask)
     return back(values), results

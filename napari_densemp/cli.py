@@ -118,10 +118,10 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     try:
         if several:
             out, results = propagate_labels(volume, painted, model, scan.spacing, axis, options, modality,
-                                            progress=update)
+                                            progress=update, affine=scan.affine)
         else:
             result = propagate(volume, painted, model, spacing=scan.spacing, axis=axis, label=label,
-                               modality=modality, options=options, progress=update)
+                               modality=modality, options=options, progress=update, affine=scan.affine)
             out, results = result.mask.astype(np.uint8), {labels[0] if label is None else label: result}
     finally:
         close()

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,14 @@ from .checkpoint import load_checkpoint
 from .devices import pick_device, use_bf16
 from .errors import DenseMPError
 from .network import FewShotSegmenter, head_logits, resize_mask, support_prototypes, unit_length
-from .preprocessing import Modality, PreprocessingProfile, check_volume, prepare_volume, resize_slices
+from .preprocessing import (
+    Modality,
+    PreprocessingProfile,
+    check_volume,
+    detect_modality,
+    prepare_volume,
+    resize_slices,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default_v0.pt"
@@ -473,6 +481,51 @@ def _calibrated_threshold(prob: Scorer, painted: dict[int, np.ndarray],
     return float(candidates[int(np.argmax(scores))])
 
 
+@dataclass(frozen=True)
+class InPlaneView:
+    """How a scan's slices are shown to the model: in-plane axes swapped and/or flipped so that
+    they run in the order and direction of its training scans (``profile.orientations``). The
+    slicing axis is never touched, so slice numbers and the walk are the stored ones."""
+
+    swap: bool = False
+    flips: tuple[bool, bool] = (False, False)
+
+    @classmethod
+    def for_scan(cls, model: Model, volume: np.ndarray, affine: np.ndarray | None, axis: int,
+                 modality: Modality | Literal["auto"]) -> InPlaneView:
+        """The view for a scan stored as ``affine`` says (None: unknown, slices as stored)."""
+        orientations = model.profile.orientations
+        if affine is None or not orientations:
+            return cls()
+        codes = orientations.get(detect_modality(volume) if modality == "auto" else modality)
+        stored = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+        if not codes or not np.isfinite(stored).all():
+            return cls()
+        target = nib.orientations.axcodes2ornt(tuple(codes))
+        position = {int(world): i for i, (world, _) in enumerate(target)}  # world axis -> target array axis
+        in_plane = [a for a in range(3) if a != axis]
+        order = sorted(in_plane, key=lambda a: position[int(stored[a, 0])])
+        flips = tuple(bool(stored[a, 1] != target[position[int(stored[a, 0])], 1]) for a in order)
+        return cls(order != in_plane, flips)
+
+    def show(self, slices: np.ndarray) -> np.ndarray:
+        """(S, H, W) stored slices as the model is shown them."""
+        if self.swap:
+            slices = slices.transpose(0, 2, 1)
+        for dim, flip in zip((1, 2), self.flips):
+            slices = np.flip(slices, dim) if flip else slices
+        return np.ascontiguousarray(slices)
+
+    def back(self, slices: np.ndarray) -> np.ndarray:
+        """Exactly undoes :meth:`show`."""
+        for dim, flip in zip((1, 2), self.flips):
+            slices = np.flip(slices, dim) if flip else slices
+        return np.ascontiguousarray(slices.transpose(0, 2, 1) if self.swap else slices)
+
+    def spacing(self, spacing_hw: tuple[float, float]) -> tuple[float, float]:
+        return (spacing_hw[1], spacing_hw[0]) if self.swap else spacing_hw
+
+
 def _check_inputs(volume: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], axis: int,
                   volume_name: str = "image", mask_name: str = "painted mask") -> tuple[np.ndarray, np.ndarray, int]:
     volume = check_volume(volume, volume_name)
@@ -552,8 +605,8 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
               spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
               label: int | None = None, options: PropagationOptions | None = None,
               modality: Modality | Literal["auto"] = "auto", cache: FeatureCache | None = None,
-              progress: ProgressCallback | None = None,
-              cancel: Callable[[], bool] | None = None) -> PropagationResult:
+              progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
+              affine: np.ndarray | None = None) -> PropagationResult:
     """Propagate the painted slice(s) of ``volume`` through it.
 
     Args:
@@ -566,6 +619,8 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         cache: reuse backbone features across calls (the widget keeps one).
         progress: called as ``progress(done, total, stage)``.
         cancel: polled between batches; when it returns True, :class:`Cancelled` is raised.
+        affine: the scan's voxel-to-world matrix, when known: its slices are then shown to the
+            model in the orientation of the model's training scans (:class:`InPlaneView`).
     Returns:
         A :class:`PropagationResult` whose mask has exactly ``volume``'s shape.
     """
@@ -573,9 +628,10 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     volume, painted, axis = _check_inputs(volume, painted, spacing, axis)
     binary, label = _painted_binary(painted, label)
     _check_painting_axis(binary, axis)
-    slices = np.moveaxis(volume, axis, 0)
-    paint = np.moveaxis(binary, axis, 0)
-    spacing_hw = tuple(float(s) for i, s in enumerate(spacing) if i != axis)
+    view = InPlaneView.for_scan(model, volume, affine, axis, modality)
+    slices = view.show(np.moveaxis(volume, axis, 0))
+    paint = view.show(np.moveaxis(binary, axis, 0))
+    spacing_hw = view.spacing(tuple(float(s) for i, s in enumerate(spacing) if i != axis))
     painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
 
     feats, seconds = _volume_features(model, slices, spacing_hw, modality, cache, progress, cancel,
@@ -596,7 +652,7 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
     if progress is not None:
         progress(1, 1, "propagating")
-    return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence,
+    return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=seconds, seconds_head=time.perf_counter() - start,
                              reused_features=seconds == 0)
@@ -606,7 +662,8 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
                      spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
                      options: PropagationOptions | None = None, modality: Modality | Literal["auto"] = "auto",
                      cache: FeatureCache | None = None, progress: ProgressCallback | None = None,
-                     cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
+                     cancel: Callable[[], bool] | None = None,
+                     affine: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
     """Every structure painted (one label value each) propagated through ``volume``.
 
     The backbone runs once; each label is walked as :func:`propagate` walks one. Where two
@@ -617,7 +674,7 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
     painted = _integer_painting(painted)
     cache = cache if cache is not None else FeatureCache()
     results = {label: propagate(volume, painted, model, spacing, axis, label, options, modality, cache, progress,
-                                cancel) for label in painted_labels(painted)}
+                                cancel, affine) for label in painted_labels(painted)}
     out = merge_structures(results, axis % 3)
     out[painted != 0] = painted[painted != 0]  # what the user painted is kept exactly
     return out, results
@@ -691,8 +748,9 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
                  query_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
                  label: int | None = None, options: PropagationOptions | None = None,
                  modality: Modality | Literal["auto"] = "auto", cache: FeatureCache | None = None,
-                 progress: ProgressCallback | None = None,
-                 cancel: Callable[[], bool] | None = None) -> PropagationResult:
+                 progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
+                 support_affine: np.ndarray | None = None,
+                 query_affine: np.ndarray | None = None) -> PropagationResult:
     """Segment in ``query_volume`` the structure masked in ``support_volume`` (another patient).
 
     Nothing tells where the structure lies in the query: every query slice is scored against
@@ -703,8 +761,9 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     the centres of equal parts of the structure, each anchored at the matching part of the
     query's found extent (the paper's pairing).
 
-    Returns a :class:`PropagationResult` on the query's grid; ``found_at`` holds the query
-    slices where supports were anchored (empty when the structure was not found).
+    The affines, when given, show both scans to the model in its training orientation, as
+    :func:`propagate` does. Returns a :class:`PropagationResult` on the query's grid; ``found_at``
+    holds the query slices where supports were anchored (empty when the structure was not found).
     """
     options = options or model.default_options()
     walk_options = replace(options, min_confidence=options.cross_min_confidence)
@@ -713,11 +772,13 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     query_volume = check_volume(query_volume, "query image")
     _check_axis_spacing(axis, query_spacing)
     binary, label = _painted_binary(support_mask, label)
-    support = np.moveaxis(binary, axis, 0)
-    support_slices = np.moveaxis(support_volume, axis, 0)
-    query = np.moveaxis(query_volume, axis, 0)
-    support_hw = tuple(float(s) for i, s in enumerate(support_spacing) if i != axis)
-    query_hw = tuple(float(s) for i, s in enumerate(query_spacing) if i != axis)
+    support_view = InPlaneView.for_scan(model, support_volume, support_affine, axis, modality)
+    query_view = InPlaneView.for_scan(model, query_volume, query_affine, axis, modality)
+    support = support_view.show(np.moveaxis(binary, axis, 0))
+    support_slices = support_view.show(np.moveaxis(support_volume, axis, 0))
+    query = query_view.show(np.moveaxis(query_volume, axis, 0))
+    support_hw = support_view.spacing(tuple(float(s) for i, s in enumerate(support_spacing) if i != axis))
+    query_hw = query_view.spacing(tuple(float(s) for i, s in enumerate(query_spacing) if i != axis))
     painted = [int(z) for z in np.flatnonzero(support.reshape(len(support), -1).any(axis=1))]
     areas = support.reshape(len(support), -1).sum(axis=1)
     reference = int(np.argmax(areas))
@@ -781,8 +842,8 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
         out, confidence = _render(scorer, region, q_feats, threshold, n)
     if progress is not None:
         progress(1, 1, "finding the structure")
-    return PropagationResult(mask=np.moveaxis(out, 0, axis), confidence=confidence, slice_range=_slice_range(out),
-                             painted_slices=[], seconds_features=seconds,
+    return PropagationResult(mask=np.moveaxis(query_view.back(out), 0, axis), confidence=confidence,
+                             slice_range=_slice_range(out), painted_slices=[], seconds_features=seconds,
                              seconds_head=time.perf_counter() - start, reused_features=seconds == 0, found_at=found_at)
 
 
@@ -791,7 +852,8 @@ def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, qu
                         query_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
                         options: PropagationOptions | None = None, modality: Modality | Literal["auto"] = "auto",
                         cache: FeatureCache | None = None, progress: ProgressCallback | None = None,
-                        cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
+                        cancel: Callable[[], bool] | None = None, support_affine: np.ndarray | None = None,
+                        query_affine: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
     """Every structure of ``support_mask`` (one label value each) found and segmented in
     ``query_volume``, as :func:`segment_like` does one; both volumes' features are computed once.
 
@@ -802,6 +864,7 @@ def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, qu
     if cache is None or cache.max_volumes < 2:  # support and query must both stay for every label
         cache = FeatureCache(max_volumes=2)
     results = {label: segment_like(support_volume, support_mask, query_volume, model, support_spacing, query_spacing,
-                                   axis, label, options, modality, cache, progress, cancel)
+                                   axis, label, options, modality, cache, progress, cancel, support_affine,
+                                   query_affine)
                for label in painted_labels(support_mask)}
     return merge_structures(results, axis % 3), results

@@ -7,7 +7,7 @@ differently from its training data.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -29,6 +29,10 @@ class PreprocessingProfile:
     in_plane_spacing_mm: float = 1.25  # the model's training grid (CHAOS' spacing)
     max_in_plane_size: int = 512  # coarser than the training grid rather than larger than this
     min_in_plane_size: int = 64  # finer than it rather than too small for the stride-8 features
+    # Per modality, the axis codes (nibabel's, e.g. "RAS") of the scans the model was trained on:
+    # slices of a scan whose affine is known are shown to it with their in-plane axes in that
+    # order and direction (networks are not flip-invariant). Empty: slices as stored.
+    orientations: dict[str, str] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +46,20 @@ class PreprocessingProfile:
         values = dict(data)
         if "ct_window" in values:
             values["ct_window"] = tuple(float(v) for v in values["ct_window"])
+        orientations = dict(values.get("orientations") or {})
+        for modality, codes in orientations.items():
+            if modality not in ("ct", "mri") or not _valid_axis_codes(codes):
+                raise DenseMPError(f"Checkpoint orientation {modality}={codes!r}: expected ct or mri and three "
+                                   f"axis codes such as RAS or LPS.")
+        values["orientations"] = orientations
         return cls(**values)
+
+
+def _valid_axis_codes(codes: object) -> bool:
+    """Three letters naming each world axis once, e.g. RAS, LPS, PIR."""
+    pairs = ("LR", "PA", "IS")
+    return (isinstance(codes, str) and len(codes) == 3
+            and sorted(next((i for i, p in enumerate(pairs) if c in p), -1) for c in codes) == [0, 1, 2])
 
 
 def check_volume(volume: np.ndarray, name: str = "image") -> np.ndarray:

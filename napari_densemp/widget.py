@@ -79,15 +79,16 @@ class _Request:
     scans: list | None = None  # segment_folder: the scan files
     results_dir: Path | None = None
 
-    def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int]:
-        """Volume, painting, spacing and slicing axis on the scan's stored grid: the engine then
-        sees exactly what ``densemp-segment`` sees for the same file (the model is not
-        flip-invariant), and the widget gives the CLI's mask."""
+    def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int, np.ndarray]:
+        """Volume, painting, spacing, slicing axis and affine on the scan's stored grid: the engine
+        then sees exactly what ``densemp-segment`` sees for the same file, and the widget gives
+        the CLI's mask. A layer from another reader is taken as napari shows it (axes along
+        world axes, spacing from its scale)."""
         if self.geometry is None or self.geometry.display_shape != self.volume.shape:
-            return self.volume, self.painted, self.spacing, self.axis
+            return self.volume, self.painted, self.spacing, self.axis, np.diag([*self.spacing, 1.0])
         stored_axis = int(np.flatnonzero(self.geometry.to_display[:, 0] == self.axis)[0])
         return (self.geometry.stored(self.volume), self.geometry.stored(self.painted),
-                self.geometry.stored_spacing, stored_axis)
+                self.geometry.stored_spacing, stored_axis, self.geometry.affine)
 
     def to_display(self, mask: np.ndarray, per_slice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The engine's mask and per-slice values back on the display grid."""
@@ -222,9 +223,9 @@ class OneShotWidget(Container):
 
         model = self._load_model(request.model_source, request.device)
         options = model.default_options(between_painted_only=request.between_painted_only)
-        volume, painted, spacing, axis = request.on_stored_grid()
+        volume, painted, spacing, axis, affine = request.on_stored_grid()
         labels = [request.label] if request.label else painted_labels(painted)
-        kwargs = dict(options=options, cache=self._feature_cache, cancel=self._cancel_flag.is_set,
+        kwargs = dict(options=options, cache=self._feature_cache, cancel=self._cancel_flag.is_set, affine=affine,
                       progress=lambda done, total, stage: self._relay.progressed.emit(run, done, total, stage))
         if len(labels) == 1:
             result = propagate(volume, painted, model, spacing=spacing, axis=axis, label=labels[0], **kwargs)
@@ -404,8 +405,7 @@ class OneShotWidget(Container):
         from .batch import Support
         from .io import Scan
 
-        volume, painted, spacing, axis = request.on_stored_grid()
-        affine = request.geometry.affine if request.geometry is not None else np.diag([*spacing, 1.0])
+        volume, painted, _, axis, affine = request.on_stored_grid()
         return Support(Scan(volume, affine, None, None), painted, request.label), axis
 
     def _layer_scan(self, layer):

@@ -11,9 +11,11 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -121,9 +123,20 @@ def _file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _cache_key(record: ScanRecord, profile: PreprocessingProfile, min_size: int) -> str:
-    blob = json.dumps([PREPARED_VERSION, _file_fingerprint(record.image), record.hu_offset, profile.to_dict(),
+    settings = {k: v for k, v in profile.to_dict().items() if k != "orientations"}  # recorded, not applied
+    blob = json.dumps([PREPARED_VERSION, _file_fingerprint(record.image), record.hu_offset, settings,
                        min_size], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def training_orientations(records: list[ScanRecord], scans: list[PreparedScan]) -> dict[str, str]:
+    """Per modality, the axis codes most of the training scans were stored in: recorded in the
+    checkpoint's profile so that the engine shows other scans to the model the same way."""
+    seen: dict[str, Counter] = {}
+    for record, scan in zip(records, scans):
+        codes = "".join(nib.aff2axcodes(nib.load(str(record.image)).affine))
+        seen.setdefault(scan.modality, Counter())[codes] += 1
+    return {modality: counts.most_common(1)[0][0] for modality, counts in sorted(seen.items())}
 
 
 def prepare_scan(record: ScanRecord, profile: PreprocessingProfile, cache_dir: str | Path | None = None,

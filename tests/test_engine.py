@@ -197,6 +197,56 @@ def test_mirror_averaging_makes_the_result_mirror_with_the_scan(ct_phantom, defa
     np.testing.assert_array_equal(again.mask, stored.mask)
 
 
+def _profiled(**orientations):
+    """A stand-in model that carries only a preprocessing profile (all InPlaneView reads)."""
+    from types import SimpleNamespace
+
+    from napari_densemp.preprocessing import PreprocessingProfile
+
+    return SimpleNamespace(profile=PreprocessingProfile(orientations=orientations))
+
+
+@pytest.mark.parametrize("columns,axis,expected", [
+    ([[-1, 0, 0], [0, -1, 0], [0, 0, 1]], 2, (False, (True, True))),  # LPS (DICOM) axial -> RAS
+    ([[0, 1, 0], [1, 0, 0], [0, 0, 1]], 2, (True, (False, False))),  # first axis runs A, second R
+    ([[0, -1, 0], [1, 0, 0], [0, 0, 1]], 2, (True, (False, True))),  # first axis runs P, second R
+    ([[1, 0, 0], [0, 1, 0], [0, 0, -1]], 2, (False, (False, False))),  # the slicing axis is left alone
+    ([[-1, 0, 0], [0, 1, 0], [0, 0, -1]], 0, (False, (False, True))),  # sagittal slices: A and S in-plane
+])
+def test_slices_are_shown_in_the_models_training_orientation(columns, axis, expected):
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(columns, dtype=float).T * 0.8  # columns: each stored axis' world direction
+    view = engine.InPlaneView.for_scan(_profiled(ct="RAS"), np.full((4, 5, 6), -1000.0), affine, axis, "ct")
+    assert (view.swap, view.flips) == expected
+    slices = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    np.testing.assert_array_equal(view.back(view.show(slices)), slices)
+    assert view.spacing((1.0, 2.0)) == ((2.0, 1.0) if view.swap else (1.0, 2.0))
+    # without an affine, or for a modality the model has no orientation for: slices as stored
+    for model, known, modality in ((_profiled(ct="RAS"), None, "ct"), (_profiled(ct="RAS"), affine, "mri")):
+        unchanged = engine.InPlaneView.for_scan(model, np.zeros((4, 5, 6)), known, axis, modality)
+        assert (unchanged.swap, unchanged.flips) == (False, (False, False))
+
+
+def test_a_scan_stored_another_way_gets_the_same_mask(ct_phantom, default_model):
+    """The phantom CT (stored LPS) rewritten as RAS and with its in-plane axes swapped, each with
+    the matching affine: the default model sees the same slices, so the masks agree voxel for voxel."""
+    import nibabel as nib
+
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    assert default_model.profile.orientations["ct"] == "RAS"
+    stored = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing,
+                       affine=ct_phantom.affine)
+    for ornt in ([[0, -1], [1, -1], [2, 1]], [[1, 1], [0, 1], [2, 1]]):  # each its own inverse
+        ornt = np.array(ornt, dtype=float)
+        image, paint = (nib.orientations.apply_orientation(a, ornt) for a in (ct_phantom.image, painted))
+        affine = ct_phantom.affine @ nib.orientations.inv_ornt_aff(ornt, ct_phantom.image.shape)
+        spacing = tuple(np.linalg.norm(affine[:3, :3], axis=0))
+        other = propagate(np.ascontiguousarray(image), np.ascontiguousarray(paint), default_model,
+                          spacing=spacing, affine=affine)
+        np.testing.assert_array_equal(nib.orientations.apply_orientation(other.mask, ornt), stored.mask)
+    assert dice(stored.mask, ct_phantom.label == RIGHT_KIDNEY) >= 0.70
+
+
 def test_cancel_stops_a_run(ct_phantom, default_model):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     seen = []

@@ -137,6 +137,7 @@ def test_stage2_resume_matches_uninterrupted_run(tmp_path):
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     assert a.provenance["stage"] == "stage2" and a.provenance["iterations"] == 4
     assert any(name.startswith("phantom_ct") for name in a.provenance["data"])
+    assert a.preprocessing.orientations == {"ct": "LPS", "mri": "LPS"}  # how the phantoms are stored
 
 
 @pytest.mark.slow
@@ -162,6 +163,12 @@ def test_train_cli_runs_and_exports(tmp_path, capsys):
     assert load_model(tmp_path / "model.pt", "cpu").default_options() == PropagationOptions()
     assert train_main(["export", str(run / "last.pt"), str(tmp_path / "bad.pt"), "--rule", "confidence=1"]) == 2
     assert "min_confidence" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+    # the orientation a model's training scans had: recorded by stage 2, overridable at export
+    assert exported.preprocessing.orientations == {"ct": "LPS", "mri": "LPS"}
+    assert train_main(["export", str(run / "last.pt"), str(tmp_path / "oriented.pt"), "--orientation", "ct=ras"]) == 0
+    assert load_checkpoint(tmp_path / "oriented.pt").preprocessing.orientations == {"ct": "RAS", "mri": "LPS"}
+    assert train_main(["export", str(run / "last.pt"), str(tmp_path / "bad.pt"), "--orientation", "ct=RAA"]) == 2
+    assert "ct='RAA'" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
     # the paper's vanilla PA-Net baseline is a configuration of the same network
     assert train_main(["stage2", "--phantoms", "1", "--out", str(tmp_path / "vanilla"), "--iterations", "1",
                        "--depth", "18", "--last-layer", "3", "--feature-dim", "16", "--crop", "64", "--amp", "off",

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                     help="propagation rules tuned for this model on its training patients, stored in the "
                          "checkpoint (e.g. min_confidence=0.7); the engine's own defaults otherwise")
+    ex.add_argument("--orientation", nargs="*", default=[], metavar="MODALITY=CODES",
+                    help="how the training scans of each modality were stored, as axis codes (e.g. ct=RAS "
+                         "mri=LAS): the engine then shows scans with a known affine to the model that way")
     return parser
 
 
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from napari_densemp.checkpoint import load_checkpoint, save_checkpoint
             from napari_densemp.engine import parse_rules
+            from napari_densemp.preprocessing import PreprocessingProfile
 
             if args.out.exists() and not args.overwrite:
                 raise DenseMPError(f"{args.out} exists; pass --overwrite to replace it.")
@@ -227,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             provenance = dict(state.provenance)
             if args.rule:
                 provenance["propagation"] = {**provenance.get("propagation", {}), **parse_rules(args.rule)}
-            save_checkpoint(args.out, state.build_model(), state.preprocessing, provenance=provenance,
+            profile = state.preprocessing
+            if args.orientation:
+                given = dict(item.partition("=")[::2] for item in args.orientation)
+                profile = PreprocessingProfile.from_dict({**profile.to_dict(), "orientations": {
+                    **profile.orientations, **{k.lower(): v.upper() for k, v in given.items()}}})
+            save_checkpoint(args.out, state.build_model(), profile, provenance=provenance,
                             half=not args.full_precision)
             print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     except (DenseMPError, ValueError) as exc:

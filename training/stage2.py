@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from napari_densemp.network import FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile
-from src_data.datasets import PreparedScan, ScanRecord, find_scans, prepare_scan
+from src_data.datasets import PreparedScan, ScanRecord, find_scans, prepare_scan, training_orientations
 from src_data.phantoms import write_cohort
 from src_data.splits import split_scans
 
@@ -104,6 +104,7 @@ def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
     dist = Distributed.setup(config.device)
     records = collect_scans(config)
     scans = prepare_all(records, config.profile, config.prepared_dir)
+    profile = replace(config.profile, orientations=training_orientations(records, scans))
     torch.manual_seed(config.seed)  # before building: the initial weights are part of the run
     model = FewShotSegmenter(config.network)
     if config.init_backbone is not None:
@@ -117,5 +118,5 @@ def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
                           "batch": config.batch, "init_backbone": str(config.init_backbone or ""),
                           "mirror": config.mirror})
     log.info("stage 2 on %d scans, %d usable slices", len(scans), len(dataset.slices))
-    return train(model, loader, episode_inputs, lambda m: m, config.profile, config.optim, config.run_dir, info,
+    return train(model, loader, episode_inputs, lambda m: m, profile, config.optim, config.run_dir, info,
                  dist, resume=resume)
