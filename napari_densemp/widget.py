@@ -73,11 +73,17 @@ class _Request:
     model_source: str
     device: str
     between_painted_only: bool
+    mirror_average: bool
     image_layer: Any = None
     geometry: Geometry | None = None  # the scan's stored grid, when the layer came from our reader
     targets: list | None = None  # segment_open_images: the other image layers
     scans: list | None = None  # segment_folder: the scan files
     results_dir: Path | None = None
+
+    def options(self, model, **rules):
+        """The model's propagation rules with this request's choices (an unticked mirror box keeps
+        the model's own setting)."""
+        return model.default_options(**rules, **({"mirror_average": True} if self.mirror_average else {}))
 
     def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int, np.ndarray]:
         """Volume, painting, spacing, slicing axis and affine on the scan's stored grid: the engine
@@ -125,6 +131,9 @@ class OneShotWidget(Container):
         self._axis = ComboBox(label="slicing axis", choices=["auto", "0", "1", "2"],
                               tooltip="auto: the axis of the slider (the one not displayed).")
         self._between = CheckBox(text="only between the painted slices", value=False)
+        self._mirror = CheckBox(text="average with the scan mirrored", value=False,
+                                tooltip="The result then mirrors exactly with the scan: for scans whose left and "
+                                        "right may be stored the wrong way. Twice the backbone time.")
         self._propagate = PushButton(text="Propagate")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._undo = PushButton(text="Undo propagation", enabled=False)
@@ -139,7 +148,7 @@ class OneShotWidget(Container):
         self._results_dir = FileEdit(label="results folder", mode="d")
         self._segment_folder = PushButton(text="Segment folder")
         self.extend([self._image, self._painted, self._label, self._target, self._model, self._checkpoint,
-                     self._device, self._axis, self._between, self._propagate, self._cancel, self._undo,
+                     self._device, self._axis, self._between, self._mirror, self._propagate, self._cancel, self._undo,
                      self._progress, self._status, self._slice_info, self._many_title, self._open_images,
                      self._scans_dir, self._results_dir, self._segment_folder])
 
@@ -202,7 +211,8 @@ class OneShotWidget(Container):
             volume=np.asarray(image.data), painted=np.asarray(painted.data),
             spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),
             label=int(self._label.value) or None, model_source=source, device=self._device.value,
-            between_painted_only=bool(self._between.value), image_layer=image,
+            between_painted_only=bool(self._between.value), mirror_average=bool(self._mirror.value),
+            image_layer=image,
             geometry=Geometry.from_metadata(image.metadata))
 
     # ------------------------------------------------------------------ running
@@ -222,7 +232,7 @@ class OneShotWidget(Container):
         from .engine import painted_labels, propagate, propagate_labels
 
         model = self._load_model(request.model_source, request.device)
-        options = model.default_options(between_painted_only=request.between_painted_only)
+        options = request.options(model, between_painted_only=request.between_painted_only)
         volume, painted, spacing, axis, affine = request.on_stored_grid()
         labels = [request.label] if request.label else painted_labels(painted)
         kwargs = dict(options=options, cache=self._feature_cache, cancel=self._cancel_flag.is_set, affine=affine,
@@ -441,7 +451,8 @@ class OneShotWidget(Container):
             self._relay.progressed.emit(run, i, len(request.targets), f"segmenting '{layer.name}'")
             scan, geometry = self._layer_scan(layer)
             try:
-                values, found = segment_scan(support, scan, model, axis, None, self._feature_cache,
+                values, found = segment_scan(support, scan, model, axis, request.options(model),
+                                             self._feature_cache,
                                              self._cancel_flag.is_set)
                 if len(found) == 1:  # a 0/1 mask: give it the painted value
                     [label] = found
@@ -505,7 +516,8 @@ class OneShotWidget(Container):
             self._relay.progressed.emit(run, len(done), total, f"{rows[0].scan}: {rows[0].status}")
 
         self._relay.progressed.emit(run, 0, total, "segmenting scans")
-        rows = segment_folder(support, request.scans, request.results_dir, model, axis, on_scan=on_scan,
+        rows = segment_folder(support, request.scans, request.results_dir, model, axis,
+                              request.options(model), on_scan=on_scan,
                               cancel=self._cancel_flag.is_set)
         return rows, write_summary(rows, request.results_dir / "summary.csv")
 

@@ -36,15 +36,16 @@ def _truth_on_display_grid(viewer) -> np.ndarray:
     return geometry.display(phantom.label == LIVER)
 
 
-def _engine_result(viewer, model: str = "default") -> np.ndarray:
+def _engine_result(viewer, model: str = "default", **rules) -> np.ndarray:
     """What the engine gives, as densemp-segment calls it, for the sample's painting: the scan on
     its stored grid with its affine; the label volume back on the display grid. The widget is a
     thin shell, so its result must be exactly this."""
     geometry = Geometry.from_metadata(viewer.layers["phantom CT"].metadata)
     volume = geometry.stored(np.asarray(viewer.layers["phantom CT"].data))
     painted = geometry.stored(np.asarray(viewer.layers["liver painted"].data))
-    values, _ = propagate_labels(volume, painted, load_model(model, "cpu"), spacing=geometry.stored_spacing,
-                                 affine=geometry.affine)
+    loaded = load_model(model, "cpu")
+    values, _ = propagate_labels(volume, painted, loaded, spacing=geometry.stored_spacing, affine=geometry.affine,
+                                 options=loaded.default_options(**rules))
     return geometry.display(values)
 
 
@@ -103,6 +104,15 @@ def test_widget_propagates_the_painted_liver(viewer_with_sample):
     shown = next(z for z in range(first, last + 1) if not painted_before[z].any())
     viewer.dims.set_current_step(0, shown)
     assert widget._slice_info.value.startswith(f"slice {shown}: confidence 0.")
+
+
+def test_the_mirror_box_averages_with_the_mirrored_scan(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    widget._mirror.value = True
+    _run(widget)
+    mirrored = _engine_result(viewer, mirror_average=True)
+    np.testing.assert_array_equal(viewer.layers["phantom CT 6 propagated"].data, mirrored)
+    assert not np.array_equal(mirrored, _engine_result(viewer))  # it is another result
 
 
 def test_the_bundled_v2_model_is_a_choice(viewer_with_sample):
