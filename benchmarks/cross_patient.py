@@ -48,7 +48,7 @@ def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationO
                                 support.spacing, query.spacing, options=options, cache=cache,
                                 **affines) if three_d else None
             paper = paper_protocol_mask(model, support.volume, support_truth, query.volume, truth,
-                                        support.spacing, query.spacing, cache=cache)
+                                        support.spacing, query.spacing, cache=cache, **affines)
             zs = np.flatnonzero(truth.any(axis=(0, 1)))
             found = f"{one.slice_range[0]}-{one.slice_range[1]}" if one.slice_range else "-"
             yield (record.name, support_record.name, organ, dice(one.mask, truth),

@@ -48,7 +48,7 @@ def figure_row(scan, organ: int, model, columns: int) -> tuple[list[Image.Image]
     truth = scan.label == organ
     painted, z = paint_largest_slice(truth)
     result = propagate(scan.volume, painted.astype(np.uint8), model, spacing=scan.spacing, axis=2,
-                       cache=FeatureCache())
+                       cache=FeatureCache(), affine=scan.affine)
     geometry = Geometry.for_scan(scan.affine, scan.volume.shape)
     display = {name: geometry.display(a) for name, a in
                [("image", window_intensities(scan.volume, detect_modality(scan.volume), model.profile)),

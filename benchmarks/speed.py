@@ -61,14 +61,13 @@ def speed(args: argparse.Namespace, model: Model | None = None) -> None:
     image, painted, _ = phantom_volume((256, 256, 100))
     spacing = (model.profile.in_plane_spacing_mm, model.profile.in_plane_spacing_mm, 2.5)
     slices = np.moveaxis(image, 2, 0)
-    options = model.default_options(**parse_rules(args.rule))
-    propagate(image, painted, model, spacing=spacing, options=options)  # warm-up (allocator, oneDNN kernels)
+    run = dict(spacing=spacing, options=model.default_options(**parse_rules(args.rule)))
+    propagate(image, painted, model, **run)  # warm-up (allocator, oneDNN kernels)
     backbone = best_of(lambda: compute_features(model, slices, spacing[:2]), args.repeats)
-    whole = best_of(lambda: propagate(image, painted, model, spacing=spacing, options=options), args.repeats)
+    whole = best_of(lambda: propagate(image, painted, model, **run), args.repeats)
     cache = FeatureCache()
-    propagate(image, painted, model, spacing=spacing, options=options, cache=cache)
-    rerun = best_of(lambda: propagate(image, painted, model, spacing=spacing, options=options, cache=cache),
-                    args.repeats)
+    propagate(image, painted, model, cache=cache, **run)
+    rerun = best_of(lambda: propagate(image, painted, model, cache=cache, **run), args.repeats)
     precision = "bf16 autocast" if model.uses_bf16 else "fp32"
     print(f"model {model.name}, {model.device}, {precision}, {torch.get_num_threads()} threads"
           + (f", rules {' '.join(args.rule)}" if args.rule else ""))

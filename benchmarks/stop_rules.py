@@ -66,7 +66,8 @@ def main() -> int:
             painted, _ = paint_largest_slice(truth)
             true_z = np.flatnonzero(truth.any(axis=(0, 1)))
             for name, options in rules.items():
-                result = propagate(scan.volume, painted, model, spacing=scan.spacing, options=options, cache=cache)
+                result = propagate(scan.volume, painted, model, spacing=scan.spacing, options=options, cache=cache,
+                                   affine=scan.affine)
                 low, high = result.slice_range
                 over = max(true_z[0] - low, 0) + max(high - true_z[-1], 0)
                 under = max(low - true_z[0], 0) + max(true_z[-1] - high, 0)

@@ -509,12 +509,12 @@ class InPlaneView:
         return cls(order != in_plane, flips)
 
     def show(self, slices: np.ndarray) -> np.ndarray:
-        """(S, H, W) stored slices as the model is shown them."""
+        """(S, H, W) stored slices as the model is shown them (a view: no copy of the scan)."""
         if self.swap:
             slices = slices.transpose(0, 2, 1)
         for dim, flip in zip((1, 2), self.flips):
             slices = np.flip(slices, dim) if flip else slices
-        return np.ascontiguousarray(slices)
+        return slices
 
     def back(self, slices: np.ndarray) -> np.ndarray:
         """Exactly undoes :meth:`show`."""

@@ -74,10 +74,11 @@ def evaluate(data_dir: str | Path, model_for: Callable[[int], Model], organs: li
                 truth, support_truth = query.label == organ, support.label == organ
                 if not truth.any() or not support_truth.any():
                     continue
+                affines = dict(support_affine=support.affine, query_affine=query.affine)
                 paper = paper_protocol_mask(model, support.volume, support_truth, query.volume, truth,
-                                            support.spacing, query.spacing, cache=cache)
+                                            support.spacing, query.spacing, cache=cache, **affines)
                 free = segment_like(support.volume, support_truth.astype(np.uint8), query.volume, model,
-                                    support.spacing, query.spacing, cache=cache).mask
+                                    support.spacing, query.spacing, cache=cache, **affines).mask
                 rows.append(Row(k, record.name, support_record.name, organ, dice(paper, truth), dice(free, truth)))
             bar.update()
     bar.close()

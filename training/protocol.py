@@ -14,6 +14,7 @@ import torch
 
 from napari_densemp.engine import (
     FeatureCache,
+    InPlaneView,
     Model,
     SliceScorer,
     chunk_centres,
@@ -36,23 +37,28 @@ def _features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float],
 def paper_protocol_mask(model: Model, support_volume: np.ndarray, support_label: np.ndarray,
                         query_volume: np.ndarray, query_label: np.ndarray,
                         support_spacing: tuple[float, float, float], query_spacing: tuple[float, float, float],
-                        chunks: int = 3, axis: int = 2, cache: FeatureCache | None = None) -> np.ndarray:
+                        chunks: int = 3, axis: int = 2, cache: FeatureCache | None = None,
+                        support_affine: np.ndarray | None = None,
+                        query_affine: np.ndarray | None = None) -> np.ndarray:
     """The query's predicted mask under the paper's protocol (zero outside the true extent).
 
-    ``support_label`` and ``query_label`` are binary masks of the organ.
+    ``support_label`` and ``query_label`` are binary masks of the organ; the affines, when given,
+    show both scans to the model as the engine does (:class:`InPlaneView`).
     """
-    support = np.moveaxis(np.asarray(support_label, dtype=bool), axis, 0)
-    truth = np.moveaxis(np.asarray(query_label, dtype=bool), axis, 0)
-    s_hw = tuple(float(s) for i, s in enumerate(support_spacing) if i != axis)
-    q_hw = tuple(float(s) for i, s in enumerate(query_spacing) if i != axis)
-    s_feats = _features(model, np.moveaxis(support_volume, axis, 0), s_hw, cache)
-    q_feats = _features(model, np.moveaxis(query_volume, axis, 0), q_hw, cache)
+    s_view = InPlaneView.for_scan(model, support_volume, support_affine, axis, "auto")
+    q_view = InPlaneView.for_scan(model, query_volume, query_affine, axis, "auto")
+    support = s_view.show(np.moveaxis(np.asarray(support_label, dtype=bool), axis, 0))
+    truth = q_view.show(np.moveaxis(np.asarray(query_label, dtype=bool), axis, 0))
+    s_hw = s_view.spacing(tuple(float(s) for i, s in enumerate(support_spacing) if i != axis))
+    q_hw = q_view.spacing(tuple(float(s) for i, s in enumerate(query_spacing) if i != axis))
+    s_feats = _features(model, s_view.show(np.moveaxis(support_volume, axis, 0)), s_hw, cache)
+    q_feats = _features(model, q_view.show(np.moveaxis(query_volume, axis, 0)), q_hw, cache)
 
     organ_slices = [int(z) for z in np.flatnonzero(support.reshape(len(support), -1).any(axis=1))]
     extent = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
     out = np.zeros(truth.shape, dtype=bool)
     if not organ_slices or extent.size == 0:
-        return np.moveaxis(out, 0, axis)
+        return np.moveaxis(q_view.back(out), 0, axis)
     centres = chunk_centres(organ_slices, chunks)
     grid = resize_slices(torch.from_numpy(support[centres].astype(np.float32)), s_feats.grid_size)
     prototypes = slice_prototypes(model, s_feats, dict(zip(centres, grid)))
@@ -64,4 +70,4 @@ def paper_protocol_mask(model: Model, support_volume: np.ndarray, support_label:
         prob = scorer(z)
         native = resize_slices(torch.from_numpy(prob)[None], q_feats.native_size)[0]
         out[z] = (native > 0.5).numpy()
-    return np.moveaxis(out, 0, axis)
+    return np.moveaxis(q_view.back(out), 0, axis)
