@@ -497,7 +497,12 @@ class InPlaneView:
         orientations = model.profile.orientations
         if affine is None or not orientations:
             return cls()
-        codes = orientations.get(detect_modality(volume) if modality == "auto" else modality)
+        return cls.between(affine, axis, orientations.get(detect_modality(volume) if modality == "auto" else modality))
+
+    @classmethod
+    def between(cls, affine: np.ndarray, axis: int, codes: str | None) -> InPlaneView:
+        """The view that shows slices across ``axis`` of a scan stored as ``affine`` says in the
+        order and direction of axis codes such as "RAS" (None: slices as stored)."""
         stored = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
         if not codes or not np.isfinite(stored).all():
             return cls()

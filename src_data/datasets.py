@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from napari_densemp.atomic import write_atomically
+from napari_densemp.engine import InPlaneView
 from napari_densemp.io import is_nifti, read_nifti
 from napari_densemp.preprocessing import (
     Modality,
@@ -129,14 +130,25 @@ def _cache_key(record: ScanRecord, profile: PreprocessingProfile, min_size: int)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def training_orientations(records: list[ScanRecord], scans: list[PreparedScan]) -> dict[str, str]:
-    """Per modality, the axis codes most of the training scans were stored in: recorded in the
-    checkpoint's profile so that the engine shows other scans to the model the same way."""
+def show_in_orientation(records: list[ScanRecord], scans: list[PreparedScan],
+                        profile: PreprocessingProfile) -> tuple[list[PreparedScan], PreprocessingProfile]:
+    """The prepared scans with their slices turned to one orientation per modality, as the
+    engine turns scans at inference: the profile's, or (for a modality it has none for) the one
+    most of the scans were stored in, which the returned profile records."""
+    affines = [nib.load(str(record.image)).affine for record in records]
     seen: dict[str, Counter] = {}
-    for record, scan in zip(records, scans):
-        codes = "".join(nib.aff2axcodes(nib.load(str(record.image)).affine))
-        seen.setdefault(scan.modality, Counter())[codes] += 1
-    return {modality: counts.most_common(1)[0][0] for modality, counts in sorted(seen.items())}
+    for affine, scan in zip(affines, scans):
+        seen.setdefault(scan.modality, Counter())["".join(nib.aff2axcodes(affine))] += 1
+    orientations = {**{m: counts.most_common(1)[0][0] for m, counts in sorted(seen.items())}, **profile.orientations}
+    shown = []
+    for affine, scan in zip(affines, scans):
+        view = InPlaneView.between(affine, 2, orientations.get(scan.modality))
+        if view != InPlaneView():
+            image, superpixels, label = (None if a is None else np.ascontiguousarray(view.show(a))
+                                         for a in (scan.image, scan.superpixels, scan.label))
+            scan = PreparedScan(scan.name, image, superpixels, label, scan.modality)
+        shown.append(scan)
+    return shown, replace(profile, orientations=orientations)
 
 
 def prepare_scan(record: ScanRecord, profile: PreprocessingProfile, cache_dir: str | Path | None = None,

@@ -174,3 +174,39 @@ def test_train_cli_runs_and_exports(tmp_path, capsys):
                        "--depth", "18", "--last-layer", "3", "--feature-dim", "16", "--crop", "64", "--amp", "off",
                        "--device", "cpu", "--global-prototypes-only"]) == 0
     assert load_checkpoint(tmp_path / "vanilla" / "last.pt").network.local_prototypes is False
+
+
+def test_training_shows_every_scan_in_one_orientation(tmp_path):
+    """A phantom CT stored as written (LPS, twice) and the same CT stored RAS (data flipped, the
+    affine moved with it): prepared for training, all come out turned to the profile's
+    orientation, labels identical; a profile without one takes the storage most scans have."""
+    import nibabel as nib
+
+    from napari_densemp.io import write_nifti
+    from napari_densemp.preprocessing import PreprocessingProfile
+    from src_data.datasets import ScanRecord, prepare_scan
+    from src_data.phantoms import make_phantom
+    from training.stage2 import prepare_all
+
+    phantom = make_phantom(seed=5, modality="ct")
+    to_ras = np.array([[0, -1], [1, -1], [2, 1]], dtype=float)
+    ras = phantom.affine @ nib.orientations.inv_ornt_aff(to_ras, phantom.image.shape)
+    records = []
+    for name, turn, affine in (("lps", lambda a: a, phantom.affine), ("lps_copy", lambda a: a, phantom.affine),
+                               ("ras", lambda a: nib.orientations.apply_orientation(a, to_ras), ras)):
+        for suffix, data in (("", phantom.image), ("_label", phantom.label)):
+            write_nifti(tmp_path / f"{name}{suffix}.nii.gz", np.ascontiguousarray(turn(data)), affine)
+        records.append(ScanRecord(name, tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_label.nii.gz"))
+    assert [nib.aff2axcodes(nib.load(str(r.image)).affine) for r in records][1:] == [tuple("LPS"), tuple("RAS")]
+
+    scans, profile = prepare_all(records, PreprocessingProfile(orientations={"ct": "RAS"}), None)
+    assert profile.orientations == {"ct": "RAS"}
+    stored = prepare_scan(records[0], PreprocessingProfile()).label  # on its stored (LPS) grid
+    np.testing.assert_array_equal(scans[0].label, stored[:, ::-1, ::-1])
+    # the RAS file was resampled on its own grid: nearest-neighbour ties at the centre column differ
+    assert (scans[2].label == stored[:, ::-1, ::-1]).mean() > 0.999
+    np.testing.assert_allclose(scans[0].image.astype(np.float32), scans[2].image.astype(np.float32), atol=2e-2)
+    majority, profile = prepare_all(records, PreprocessingProfile(), None)
+    assert profile.orientations == {"ct": "LPS"}
+    np.testing.assert_array_equal(majority[0].label, stored)
+    assert (majority[2].label == stored).mean() > 0.999

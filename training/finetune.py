@@ -158,7 +158,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
     start_from = load_checkpoint(config.stage2)
     model = start_from.build_model()
     records = collect_scans(config.data)
-    scans = prepare_all(records, start_from.preprocessing, config.data.prepared_dir)
+    scans, profile = prepare_all(records, start_from.preprocessing, config.data.prepared_dir)
     dataset = FinetuneEpisodes(scans, config.data.crop, config.data.seed, config.data.excluded_classes,
                                config.labelled, groups=[str(r.image.parent) for r in records],
                                hidden_classes=config.data.hidden_classes, in_volume=config.in_volume,
@@ -174,5 +174,5 @@ def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
                           "support_scans": {f"{Path(g).name}:{v}": dataset.scans[s].name
                                             for (g, v), (s, _) in dataset.supports.items()}})
     log.info("fine-tuning on %d scans, classes %s", len(scans), dataset.classes)
-    return train(model, loader, episode_inputs, lambda m: m, start_from.preprocessing, config.optim,
+    return train(model, loader, episode_inputs, lambda m: m, profile, config.optim,
                  config.data.run_dir, info, dist, resume=resume)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from napari_densemp.network import FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile
-from src_data.datasets import PreparedScan, ScanRecord, find_scans, prepare_scan, training_orientations
+from src_data.datasets import PreparedScan, ScanRecord, find_scans, prepare_scan, show_in_orientation
 from src_data.phantoms import write_cohort
 from src_data.splits import split_scans
 
@@ -67,8 +67,12 @@ def collect_scans(config: Stage2Config) -> list[ScanRecord]:
     return records
 
 
-def prepare_all(records: Sequence[ScanRecord], profile: PreprocessingProfile, cache_dir: Path) -> list[PreparedScan]:
-    return [prepare_scan(r, profile, cache_dir) for r in tqdm(records, desc="superpixels", unit="scan")]
+def prepare_all(records: Sequence[ScanRecord], profile: PreprocessingProfile,
+                cache_dir: Path) -> tuple[list[PreparedScan], PreprocessingProfile]:
+    """Every scan preprocessed (cached) and shown in one orientation per modality; the profile
+    returned records it (see :func:`src_data.datasets.show_in_orientation`)."""
+    scans = [prepare_scan(r, profile, cache_dir) for r in tqdm(records, desc="superpixels", unit="scan")]
+    return show_in_orientation(list(records), scans, profile)
 
 
 def episode_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -103,8 +107,7 @@ def load_backbone(model: FewShotSegmenter, path: str | Path) -> None:
 def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
     dist = Distributed.setup(config.device)
     records = collect_scans(config)
-    scans = prepare_all(records, config.profile, config.prepared_dir)
-    profile = replace(config.profile, orientations=training_orientations(records, scans))
+    scans, profile = prepare_all(records, config.profile, config.prepared_dir)
     torch.manual_seed(config.seed)  # before building: the initial weights are part of the run
     model = FewShotSegmenter(config.network)
     if config.init_backbone is not None:
