@@ -7,10 +7,12 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --organs 1 3 4 7 --split held-out
     python benchmarks/accuracy.py --mni152
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --view transpose
+    python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --plane coronal
 
-``--mni152`` scores brain structures on the MNI152 T1 template that nilearn ships: real MRI of an
-anatomy and a contrast no model here trained on (an average of 152 brains, so smoother than one
-scan), against its own tissue maps.
+``--plane coronal`` (or sagittal) paints and walks that plane's slices instead of the axial ones,
+as a user painting on a coronal view does. ``--mni152`` scores brain structures on the MNI152 T1
+template that nilearn ships: real MRI of an anatomy and a contrast no model here trained on (an
+average of 152 brains, so smoother than one scan), against its own tissue maps.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, parse_rules, propagate
+from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, parse_rules, plane_axis, propagate
 from src_data.datasets import ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES, write_cohort
 from src_data.splits import split_scans
@@ -62,8 +64,10 @@ def select_scans(data: Path | None, phantoms: int, split: str, limit: int | None
     return records[:limit] if limit else records
 
 
-def copy_baselines(truth: np.ndarray, z: int) -> tuple[float, float]:
-    """Dice of the painted slice copied to every slice, and onto the true z-range only."""
+def copy_baselines(truth: np.ndarray, z: int, axis: int = 2) -> tuple[float, float]:
+    """Dice of the painted slice (``z`` along ``axis``) copied to every slice, and onto the true
+    range of slices only."""
+    truth = np.moveaxis(truth, axis, 2)
     layer = truth[..., z]
     everywhere = np.broadcast_to(layer[..., None], truth.shape)
     zs = truth.any(axis=(0, 1))
@@ -71,17 +75,18 @@ def copy_baselines(truth: np.ndarray, z: int) -> tuple[float, float]:
 
 
 def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, model, options: PropagationOptions,
-                    cache: FeatureCache) -> tuple[float, float, float, str, str, float]:
-    """Paint ``truth``'s slice of largest area, propagate, and score the whole volume: (Dice,
-    copy-all Dice, copy-z Dice, range found, true range, seconds)."""
-    painted, z = paint_largest_slice(truth)
+                    cache: FeatureCache, plane: str = "axial") -> tuple[float, float, float, str, str, float]:
+    """Paint ``truth``'s ``plane`` slice of largest area, propagate across that plane, and score
+    the whole volume: (Dice, copy-all Dice, copy-z Dice, range found, true range, seconds)."""
+    axis = plane_axis(affine, plane)
+    painted, z = paint_largest_slice(truth, axis)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     start = time.perf_counter()
-    result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=2, options=options, cache=cache,
-                       affine=affine)
+    result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=axis, options=options,
+                       cache=cache, affine=affine)
     seconds = time.perf_counter() - start
-    zs = np.flatnonzero(truth.any(axis=(0, 1)))
-    all_copy, z_copy = copy_baselines(truth, z)
+    zs = np.flatnonzero(truth.any(axis=tuple(a for a in range(3) if a != axis)))
+    all_copy, z_copy = copy_baselines(truth, z, axis)
     found = f"{result.slice_range[0]}-{result.slice_range[1]}" if result.slice_range else "-"
     return dice(result.mask, truth), all_copy, z_copy, found, f"{zs[0]}-{zs[-1]}", seconds
 
@@ -103,10 +108,10 @@ def stored_as(view: str, volume: np.ndarray, label: np.ndarray, affine: np.ndarr
 
 
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
-                     organs: list[int] | None = None, view: str = "stored"):
+                     organs: list[int] | None = None, view: str = "stored", plane: str = "axial"):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
-    range, seconds), painting the organ's slice of largest area and scoring the whole volume,
-    with the scans stored as ``view`` says (see VIEWS)."""
+    range, seconds), painting the organ's ``plane`` slice of largest area and scoring the whole
+    volume, with the scans stored as ``view`` says (see VIEWS)."""
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
@@ -117,12 +122,12 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
         for organ in organs or [int(v) for v in np.unique(label) if v]:
             truth = label == organ
             if truth.any():
-                yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache))
+                yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache, plane))
 
 
-def mni152_scores(model, options: PropagationOptions):
+def mni152_scores(model, options: PropagationOptions, plane: str = "axial"):
     """The rows of ``in_volume_scores`` for white matter, grey matter and the whole brain of the
-    MNI152 T1 template (tissue probability > 0.5), axial slices painted and walked."""
+    MNI152 T1 template (tissue probability > 0.5), ``plane`` slices painted and walked."""
     from nilearn import datasets
 
     template = datasets.load_mni152_template(resolution=1)
@@ -131,7 +136,7 @@ def mni152_scores(model, options: PropagationOptions):
     grey = np.asarray(datasets.load_mni152_gm_template(resolution=1).get_fdata()) > 0.5
     cache = FeatureCache()
     for name, truth in [("white", white), ("grey", grey), ("brain", white | grey)]:
-        yield ("mni152", name, *score_structure(volume, template.affine, truth, model, options, cache))
+        yield ("mni152", name, *score_structure(volume, template.affine, truth, model, options, cache, plane))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scans", nargs="*", help="score only these scans (names as in the split)")
     parser.add_argument("--view", default="stored", choices=list(VIEWS),
                         help="store every scan flipped or with its in-plane axes swapped, as another hospital might")
+    parser.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"],
+                        help="paint and walk this plane's slices (a user painting on a coronal view)")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -156,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data or args.phantoms or args.mni152):
         parser.error("give --data, --phantoms or --mni152")
     if args.mni152:
-        scores = mni152_scores(model, options)
+        scores = mni152_scores(model, options, args.plane)
     else:
         scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans),
-                                  model, options, args.organs, args.view)
+                                  model, options, args.organs, args.view, args.plane)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
+          f"plane {args.plane}; "
           f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", type=int, help="propagate only this painted value (default: every structure "
                         "painted, or every label of --support-mask; with several, outputs keep their values)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
-                        help="slicing axis of the stored array; auto: the axis along which the painting lies "
-                             "in one slice, else 2 (axial in most NIfTI files)")
+                        help="slicing axis of the stored array; auto: the axis across which the painting lies "
+                             "in one slice or a few, else (a 3D mask) the scan's axial axis")
     parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--between-painted", action="store_true",
@@ -87,9 +87,10 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
                  mirror_average: bool | None = None) -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
-    ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`).
-    With several label values painted and no ``label``, every structure is propagated and the
-    output holds the painted values; with one, the output is 0/1. ``mirror_average=None`` keeps
+    ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`), each
+    structure's own when several are painted. With several label values painted and no
+    ``label``, every structure is propagated and the output holds the painted values; with one,
+    the output is 0/1. ``mirror_average=None`` keeps
     the model's own setting.
     """
     from .engine import load_model, painted_labels, painting_axis, propagate, propagate_labels
@@ -109,16 +110,17 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     if not np.allclose(mask.affine, scan.affine, atol=1e-3, rtol=1e-4):
         raise DenseMPError("The painted mask's affine differs from the image's: they do not lie on the same "
                            "voxel grid. Resample the mask onto the image first.")
-    axis = painting_axis(painted) if axis is None else axis
     labels = painted_labels(painted)
     several = label is None and len(labels) > 1
+    if axis is None and not several:
+        axis = painting_axis(painted if label is None else painted == label, affine=scan.affine)
     model = load_model(model_source, device)
     options = model.default_options(between_painted_only=between_painted, **_mirror(mirror_average))
     update, close = _progress_bar()
     try:
         if several:
-            out, results = propagate_labels(volume, painted, model, scan.spacing, axis, options, modality,
-                                            progress=update, affine=scan.affine)
+            out, results = propagate_labels(volume, painted, model, scan.spacing, "auto" if axis is None else axis,
+                                            options, modality, progress=update, affine=scan.affine)
         else:
             result = propagate(volume, painted, model, spacing=scan.spacing, axis=axis, label=label,
                                modality=modality, options=options, progress=update, affine=scan.affine)
@@ -128,10 +130,10 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     write_nifti(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
-    structures = {value: {"slice_range": r.slice_range, "painted": r.painted_slices, "voxels": voxels[value],
-                          "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence}
-                  for value, r in results.items()}
-    return {"out": out_path, "axis": axis, "structures": structures,
+    structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": r.painted_slices,
+                          "voxels": voxels[value], "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence}
+                  for value, r in sorted(results.items())}
+    return {"out": out_path, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
 
 
@@ -140,7 +142,7 @@ def _mirror(choice: bool | None) -> dict:
     return {} if choice is None else {"mirror_average": choice}
 
 
-def _axis(choice: str, painted: np.ndarray | None = None) -> int | None:
+def _axis(choice: str, painted: np.ndarray | None = None, affine: np.ndarray | None = None) -> int | None:
     """``--axis``: a number as given; ``auto`` from the painting (None: segment_file infers it)."""
     if choice != "auto":
         return int(choice)
@@ -148,7 +150,7 @@ def _axis(choice: str, painted: np.ndarray | None = None) -> int | None:
         return None
     from .engine import painting_axis
 
-    return painting_axis(painted)
+    return painting_axis(painted, affine=affine)
 
 
 def run_folder(args: argparse.Namespace) -> int:
@@ -180,7 +182,7 @@ def run_folder(args: argparse.Namespace) -> int:
             tqdm.write(f"{row.scan}: failed: {row.message}", file=sys.stderr)
 
     try:
-        rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask),
+        rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask, support.scan.affine),
                               model.default_options(**_mirror(args.mirror_average)), overwrite=args.overwrite,
                               on_scan=done)
     finally:
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             rng = structure["slice_range"]
             name = f" label {value}:" if len(structures) > 1 else ""
             print(f"{summary['out']}:{name} {structure['voxels']} voxels ({structure['volume_ml']:.1f} ml) on slices "
-                  f"{rng[0]}..{rng[1]} along axis {summary['axis']} (painted {structure['painted']})", end="")
+                  f"{rng[0]}..{rng[1]} along axis {structure['axis']} (painted {structure['painted']})", end="")
             print(f", {time.perf_counter() - start:.1f} s" if len(structures) == 1 else "")
         if len(structures) > 1:
             print(f"{len(structures)} structures in {time.perf_counter() - start:.1f} s")

@@ -241,6 +241,7 @@ class PropagationResult:
     seconds_head: float
     reused_features: bool
     found_at: list[int] = field(default_factory=list)  # segment_like: query slices the supports were matched to
+    axis: int = 2  # the slicing axis walked (of the input array)
 
 
 def _integer_painting(painted: np.ndarray) -> np.ndarray:
@@ -280,12 +281,31 @@ def _painted_slice_counts(binary: np.ndarray) -> list[int]:
     return [int(binary.any(axis=tuple(a for a in range(3) if a != k)).sum()) for k in range(3)]
 
 
-def painting_axis(painted: np.ndarray, default: int = 2) -> int:
-    """The slicing axis a painting was made across: the one axis along which it lies in a single
-    slice, else ``default`` (a painting made on a coronal view of an axial scan needs no option)."""
+PLANE_NORMALS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the world (RAS) axis that each plane's slices cross
+
+
+def plane_axis(affine: np.ndarray, plane: Literal["axial", "coronal", "sagittal"] = "axial") -> int:
+    """The stored array axis whose slices are closest to ``plane`` for a scan stored as ``affine``
+    says (axial: the axis that runs head to foot)."""
+    if plane not in PLANE_NORMALS:
+        raise DenseMPError(f"plane must be one of {', '.join(PLANE_NORMALS)}; got {plane!r}.")
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    return int(np.flatnonzero(ornt[:, 0] == PLANE_NORMALS[plane])[0])
+
+
+def painting_axis(painted: np.ndarray, default: int = 2, affine: np.ndarray | None = None) -> int:
+    """The slicing axis a painting was made across, so a painting made on a coronal view of an
+    axial scan needs no option: the one axis along which it lies in a single slice, or in a few
+    slices (at most a quarter as many as along any other axis); else (a 3D mask), with the
+    scan's affine, its axial axis, the plane the models were trained on; else ``default``."""
     counts = _painted_slice_counts(np.asarray(painted) != 0)
     single = [k for k in range(3) if counts[k] == 1]
-    return single[0] if len(single) == 1 else default
+    if len(single) == 1:
+        return single[0]
+    fewest, *others = np.argsort(counts, kind="stable")
+    if all(4 * counts[fewest] <= counts[k] for k in others):
+        return int(fewest)
+    return plane_axis(affine) if affine is not None and np.isfinite(affine).all() else default
 
 
 def _check_painting_axis(binary: np.ndarray, axis: int) -> None:
@@ -660,47 +680,61 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=seconds, seconds_head=time.perf_counter() - start,
-                             reused_features=seconds == 0)
+                             reused_features=seconds == 0, axis=axis)
 
 
 def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
-                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
+                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int | Literal["auto"] = 2,
                      options: PropagationOptions | None = None, modality: Modality | Literal["auto"] = "auto",
                      cache: FeatureCache | None = None, progress: ProgressCallback | None = None,
                      cancel: Callable[[], bool] | None = None,
                      affine: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
     """Every structure painted (one label value each) propagated through ``volume``.
 
-    The backbone runs once; each label is walked as :func:`propagate` walks one. Where two
-    structures claim a voxel, the one more confident on that slice keeps it; painted voxels keep
-    their painted label. Returns the label volume (``painted``'s values, ``volume``'s shape) and
-    each label's result.
+    The backbone runs once per slicing axis; each label is walked as :func:`propagate` walks
+    one, across ``axis`` or, with ``"auto"``, across the plane it was painted on
+    (:func:`painting_axis`; each result's ``axis`` says which). Where two structures claim a
+    voxel, the one more confident on its slice keeps it; painted voxels keep their painted
+    label. Returns the label volume (``painted``'s values, ``volume``'s shape) and each label's
+    result.
     """
     painted = _integer_painting(painted)
     cache = cache if cache is not None else FeatureCache()
-    results = {label: propagate(volume, painted, model, spacing, axis, label, options, modality, cache, progress,
-                                cancel, affine) for label in painted_labels(painted)}
-    out = merge_structures(results, axis % 3)
+    labels = painted_labels(painted)
+    axes = {label: painting_axis(painted == label, affine=affine) if axis == "auto" else axis for label in labels}
+    results = {}
+    for label in sorted(labels, key=lambda value: axes[value] % 3):  # one axis' features at a time
+        results[label] = propagate(volume, painted, model, spacing, axes[label], label, options, modality, cache,
+                                   progress, cancel, affine)
+    out = merge_structures(results)
     out[painted != 0] = painted[painted != 0]  # what the user painted is kept exactly
     return out, results
 
 
-def merge_structures(results: dict[int, PropagationResult], axis: int) -> np.ndarray:
+def merge_structures(results: dict[int, PropagationResult]) -> np.ndarray:
     """One label volume from several structures' masks (same shape): a voxel two claim goes to
-    the one whose region is more confident on that slice along ``axis``."""
+    the one whose region is more confident on its slice (along each result's own axis)."""
     labels = sorted(results)
-    first = np.moveaxis(results[labels[0]].mask, axis, 0)
-    n = first.shape[0]
-    confidence = np.full((len(labels) + 1, n), -np.inf, dtype=np.float32)  # row 0: unclaimed
-    owner = np.zeros(first.shape, dtype=np.uint16)  # index into labels, 1-based
+    owner = np.zeros(results[labels[0]].mask.shape, dtype=np.uint16)  # index into labels, 1-based
     for k, label in enumerate(labels, start=1):
-        confidence[k] = results[label].confidence
-        mask = np.moveaxis(results[label].mask, axis, 0)
-        for z in np.flatnonzero(mask.reshape(n, -1).any(axis=1)):
-            current = owner[z]
-            owner[z][mask[z] & (confidence[current, z] < confidence[k, z])] = k
+        result = results[label]
+        claimed = result.mask.astype(bool)
+        taken = claimed & (owner > 0)
+        if taken.any():
+            where = np.nonzero(taken)
+            mine = result.confidence[where[result.axis]]
+            theirs = np.empty_like(mine)
+            holders = owner[where]
+            for j in np.unique(holders):
+                other = results[labels[j - 1]]
+                held = holders == j
+                theirs[held] = other.confidence[where[other.axis][held]]
+            lost = np.zeros_like(claimed)
+            lost[tuple(w[mine <= theirs] for w in where)] = True
+            claimed &= ~lost
+        owner[claimed] = k
     values = np.array([0, *labels], dtype=np.result_type(*map(np.min_scalar_type, (0, *labels))))
-    return np.moveaxis(values[owner], 0, axis)
+    return values[owner]
 
 
 # --------------------------------------------------------------------------- another scan
@@ -849,7 +883,8 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
         progress(1, 1, "finding the structure")
     return PropagationResult(mask=np.moveaxis(query_view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=[], seconds_features=seconds,
-                             seconds_head=time.perf_counter() - start, reused_features=seconds == 0, found_at=found_at)
+                             seconds_head=time.perf_counter() - start, reused_features=seconds == 0, found_at=found_at,
+                             axis=axis)
 
 
 def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, query_volume: np.ndarray,
@@ -872,4 +907,4 @@ def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, qu
                                    axis, label, options, modality, cache, progress, cancel, support_affine,
                                    query_affine)
                for label in painted_labels(support_mask)}
-    return merge_structures(results, axis % 3), results
+    return merge_structures(results), results

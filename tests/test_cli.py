@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -77,6 +78,24 @@ def test_axis_follows_a_painting_made_on_another_plane(files, phantom, capsys):
     assert dice(result, truth) >= 0.65  # 85.2 measured; 74.9 from its axial slice
     assert main([str(image), str(painted_path), "-o", str(folder / "forced.nii.gz"), "--axis", "2"]) == 2
     assert "Set the slicing axis to 1" in capsys.readouterr().err
+
+
+def test_structures_painted_on_different_planes_each_walk_their_own(files, phantom, capsys):
+    """The liver painted on an axial slice, the kidney on a sagittal one, in one mask: each is
+    walked across the plane it was painted on, and the report says which."""
+    folder, image, _, affine = files
+    kidney = phantom.label == RIGHT_KIDNEY
+    y = int(kidney.sum(axis=(0, 2)).argmax())
+    painted, _ = paint_largest(phantom.label, LIVER)
+    painted *= np.uint8(LIVER)
+    painted[:, y][kidney[:, y]] = RIGHT_KIDNEY
+    out = folder / "two_planes.nii.gz"
+    assert main([str(image), str(write_nifti(folder / "painted_planes.nii.gz", painted, affine)), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(rf"label {RIGHT_KIDNEY}:.* along axis 1 ", printed), printed
+    assert re.search(rf"label {LIVER}:.* along axis 2 ", printed), printed
+    result = read_nifti(out).data
+    assert dice(result == RIGHT_KIDNEY, kidney) >= 0.65 and dice(result == LIVER, phantom.label == LIVER) >= 0.8
 
 
 def test_a_dicom_series_folder_is_segmented_on_its_own_grid(tmp_path, ct_phantom, capsys):

@@ -15,6 +15,7 @@ from napari_densemp.engine import (
     _walk,
     painting_axis,
     parse_rules,
+    plane_axis,
     propagate,
     propagate_labels,
 )
@@ -136,6 +137,46 @@ def test_a_voxel_two_structures_claim_goes_to_the_more_confident(monkeypatch):
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out[:, 1, 1], [0, 0, 1, 1, 1, 1, 2, 2, 0, 0])  # 4-5: both, 1 is surer
     assert out[5, 0, 1] == 1 and out[7, 0, 1] == 2
+
+
+def test_structures_walked_across_different_planes_are_merged_by_their_own_slices(monkeypatch):
+    def fake_propagate(volume, painted, model, spacing, axis, label, *args):
+        mask = np.zeros(volume.shape, bool)
+        mask[2:6, 1:3, 1] = True  # both claim voxels (2..5, 1..2, 1)
+        confidence = np.zeros(volume.shape[axis], np.float32)
+        if label == 1:  # walked across axis 2: one confidence for its slice 1
+            confidence[1] = 0.85
+        else:  # walked across axis 0: surer than label 1 on slices 2-3 only
+            confidence[2:6] = [0.9, 0.9, 0.8, 0.8]
+        return engine.PropagationResult(mask, confidence, (1, 1), [1], 0.0, 0.0, False, axis=axis)
+
+    monkeypatch.setattr(engine, "propagate", fake_propagate)
+    painted = np.zeros((10, 4, 3), np.uint8)
+    painted[3:5, 0:2, 1] = 1  # four voxels in one slice along axis 2 only
+    painted[7, 0:2, 0:2] = 2  # four voxels in one slice along axis 0 only
+    out, results = propagate_labels(np.zeros((10, 4, 3), np.float32), painted, model=None, axis="auto")
+    assert results[1].axis == 2 and results[2].axis == 0
+    np.testing.assert_array_equal(out[2:6, 2, 1], [2, 2, 1, 1])
+    np.testing.assert_array_equal(out[painted != 0], painted[painted != 0])
+
+
+def test_each_structure_walks_the_plane_it_was_painted_on(ct_phantom, default_model):
+    """The liver painted on an axial slice and the right kidney on a coronal one: with "auto"
+    each is walked across its own plane and comes out as when propagated alone that way."""
+    liver, _ = paint_largest(ct_phantom.label, LIVER)
+    kidney = ct_phantom.label == RIGHT_KIDNEY
+    y = int(kidney.sum(axis=(0, 2)).argmax())
+    painted = liver * np.uint8(LIVER)
+    painted[:, y][kidney[:, y]] = RIGHT_KIDNEY
+    out, results = propagate_labels(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis="auto",
+                                    affine=ct_phantom.affine)
+    assert results[LIVER].axis == 2 and results[RIGHT_KIDNEY].axis == 1
+    for organ, axis in ((LIVER, 2), (RIGHT_KIDNEY, 1)):
+        alone = propagate(ct_phantom.image, np.where(painted == organ, organ, 0), default_model,
+                          spacing=ct_phantom.spacing, axis=axis, affine=ct_phantom.affine)
+        truth = ct_phantom.label == organ
+        assert dice(out == organ, truth) >= dice(alone.mask, truth) - 0.01, organ
+    assert dice(out == RIGHT_KIDNEY, kidney) > 0.4  # its coronal slice copied everywhere: 0.19 (5 mm slices)
 
 
 def test_mri_phantom_propagation(mri_phantom, default_model):
@@ -294,11 +335,28 @@ def test_painting_axis_is_the_one_plane_painted():
     assert painting_axis(painted) == 1
     painted[:] = 0
     painted[2:12, 10:20, 9] = 1
-    painted[2:12, 10:20, 31] = 1  # two axial slices: no single plane, the default
+    painted[2:12, 10:20, 31] = 1  # two axial slices
     assert painting_axis(painted) == 2
+    painted[:] = 0
+    painted[2:18, 4, 10:30] = 1
+    painted[2:18, 25, 10:30] = 1  # top and bottom painted on coronal slices
+    assert painting_axis(painted) == 1
     painted[:] = 0
     painted[4, 5, 6] = 1  # a dot lies in one slice along every axis: the default
     assert painting_axis(painted, default=1) == 1
+
+
+def test_a_3d_mask_is_walked_across_the_scans_axial_axis():
+    mask = np.zeros((20, 30, 40), np.uint8)
+    mask[5:15, 8:22, 10:30] = 1  # a finished 3D mask: no plane was painted
+    assert painting_axis(mask) == 2
+    sagittal = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)  # axes run S, R, A
+    assert painting_axis(mask, affine=sagittal) == 0
+    assert [plane_axis(sagittal, p) for p in ("axial", "coronal", "sagittal")] == [0, 2, 1]
+    lps = np.diag([-0.7, -0.7, 3.0, 1.0])
+    assert [plane_axis(lps, p) for p in ("axial", "coronal", "sagittal")] == [2, 1, 0]
+    with pytest.raises(DenseMPError, match="plane must be one of axial, coronal, sagittal"):
+        plane_axis(lps, "oblique")
 
 
 def test_label_choice(ct_phantom, default_model):
