@@ -10,7 +10,8 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --plane coronal
 
 ``--plane coronal`` (or sagittal) paints and walks that plane's slices instead of the axial ones,
-as a user painting on a coronal view does. ``--mni152`` scores brain structures on the MNI152 T1
+as a user painting on a coronal view does; ``--plane axial+coronal`` paints the largest slice of
+each (the engine walks each plane and combines them). ``--mni152`` scores brain structures on the MNI152 T1
 template that nilearn ships: real MRI of an anatomy and a contrast no model here trained on (an
 average of 152 brains, so smoother than one scan), against its own tissue maps.
 """
@@ -77,9 +78,13 @@ def copy_baselines(truth: np.ndarray, z: int, axis: int = 2) -> tuple[float, flo
 def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, model, options: PropagationOptions,
                     cache: FeatureCache, plane: str = "axial") -> tuple[float, float, float, str, str, float]:
     """Paint ``truth``'s ``plane`` slice of largest area, propagate across that plane, and score
-    the whole volume: (Dice, copy-all Dice, copy-z Dice, range found, true range, seconds)."""
-    axis = plane_axis(affine, plane)
+    the whole volume: (Dice, copy-all Dice, copy-z Dice, range found, true range, seconds).
+    Planes joined by "+" (axial+coronal) paint the largest slice of each, as one painting."""
+    first, *more = plane.split("+")
+    axis = plane_axis(affine, first)
     painted, z = paint_largest_slice(truth, axis)
+    for other in more:
+        painted |= paint_largest_slice(truth, plane_axis(affine, other))[0]
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     start = time.perf_counter()
     result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=axis, options=options,
@@ -152,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scans", nargs="*", help="score only these scans (names as in the split)")
     parser.add_argument("--view", default="stored", choices=list(VIEWS),
                         help="store every scan flipped or with its in-plane axes swapped, as another hospital might")
-    parser.add_argument("--plane", default="axial", choices=["axial", "coronal", "sagittal"],
-                        help="paint and walk this plane's slices (a user painting on a coronal view)")
+    parser.add_argument("--plane", default="axial",
+                        choices=["axial", "coronal", "sagittal", "axial+coronal", "axial+sagittal"],
+                        help="paint and walk this plane's slices (a user painting on a coronal view), or "
+                             "the largest slice of each of two planes")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)

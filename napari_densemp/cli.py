@@ -130,11 +130,17 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     write_nifti(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
-    structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": r.painted_slices,
+    structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
                           "voxels": voxels[value], "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence}
                   for value, r in sorted(results.items())}
     return {"out": out_path, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
+
+
+def _painted_report(result) -> str:
+    """The painted slices walked, e.g. "[31]" or, painted on two planes, "[31]; axis 1: [140]"."""
+    others = "".join(f"; axis {a}: {zs}" for a, zs in list(result.planes.items())[1:])
+    return f"{result.painted_slices}{others}"
 
 
 def _mirror(choice: bool | None) -> dict:

@@ -242,6 +242,7 @@ class PropagationResult:
     reused_features: bool
     found_at: list[int] = field(default_factory=list)  # segment_like: query slices the supports were matched to
     axis: int = 2  # the slicing axis walked (of the input array)
+    planes: dict[int, list[int]] = field(default_factory=dict)  # painted in several planes: axis -> slices walked
 
 
 def _integer_painting(painted: np.ndarray) -> np.ndarray:
@@ -316,6 +317,82 @@ def _check_painting_axis(binary: np.ndarray, axis: int) -> None:
         raise DenseMPError(f"The painting lies in a single slice along axis {flat[0]} but spans {counts[axis]} "
                            f"slices along the slicing axis {axis}: it was painted on a slice of axis {flat[0]}. "
                            f"Set the slicing axis to {flat[0]}.")
+
+
+def _area_slices(binary: np.ndarray, axis: int) -> np.ndarray:
+    """Which slices across ``axis`` were painted on: their painting covers an area (a 2 x 2
+    block), not only the lines a painting made on another plane leaves in them."""
+    moved = np.moveaxis(binary, axis, 0)
+    block = moved[:, :-1, :-1] & moved[:, 1:, :-1] & moved[:, :-1, 1:] & moved[:, 1:, 1:]
+    return block.reshape(len(block), -1).any(axis=1)
+
+
+def _in_slices(binary: np.ndarray, axis: int, chosen: np.ndarray) -> np.ndarray:
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return binary & chosen.reshape(shape)
+
+
+def painted_planes(binary: np.ndarray, axis: int) -> dict[int, list[int]]:
+    """The planes a structure was painted on, {axis: slices}, the slicing axis first: one entry
+    unless the painting also covers areas of slices across other axes (a correction painted on a
+    coronal view of an axial painting), which then cover the rest of it."""
+    own = _area_slices(binary, axis)
+    rest = binary & ~_in_slices(binary, axis, own)
+    if not own.any() or not rest.any():
+        return {axis: _slices_holding(binary, axis)}
+    planes = {axis: [int(z) for z in np.flatnonzero(own)]}
+    for other in (a for a in range(3) if a != axis):
+        if not rest.any():
+            break
+        chosen = _area_slices(rest, other)
+        if chosen.any():
+            planes[other] = [int(z) for z in np.flatnonzero(chosen)]
+            rest &= ~_in_slices(rest, other, chosen)
+    if rest.any():  # lines or dots off every painted plane: walked across the slicing axis as painted
+        return {axis: _slices_holding(binary, axis)}
+    return planes
+
+
+def _slices_holding(binary: np.ndarray, axis: int) -> list[int]:
+    return [int(z) for z in np.flatnonzero(np.moveaxis(binary, axis, 0).reshape(binary.shape[axis], -1).any(axis=1))]
+
+
+def _agreeing(results: list[PropagationResult], painted: np.ndarray) -> np.ndarray:
+    """One mask from walks across different planes: where several walks reached (their slice
+    ranges), a voxel is kept only if all of them kept it; where one reached, it decides; the
+    painting is kept. Each walk then trims the others' leaks and carries on where they stopped
+    early (validation patients: benchmarks/RESULTS.md)."""
+    kept = np.ones(painted.shape, bool)
+    reached = np.zeros(painted.shape, bool)
+    for result in results:
+        if result.slice_range is None:
+            continue
+        lo, hi = result.slice_range
+        span = np.zeros(painted.shape[result.axis], bool)
+        span[lo:hi + 1] = True
+        shape = [1, 1, 1]
+        shape[result.axis] = -1
+        inside = np.broadcast_to(span.reshape(shape), painted.shape)
+        kept &= result.mask | ~inside
+        reached |= inside
+    return (kept & reached) | painted
+
+
+def _combined_confidence(results: list[PropagationResult], mask: np.ndarray, axis: int) -> np.ndarray:
+    """Per slice across ``axis``: the mean over the combined mask's voxels there of the lowest
+    confidence any walk that reached a voxel gave its slice (0 where the mask is empty)."""
+    where = np.nonzero(mask)
+    voxel = np.full(where[0].size, np.inf, dtype=np.float32)
+    for result in results:
+        if result.slice_range is not None:
+            index = where[result.axis]
+            inside = (index >= result.slice_range[0]) & (index <= result.slice_range[1])
+            voxel[inside] = np.minimum(voxel[inside], result.confidence[index[inside]])
+    voxel[~np.isfinite(voxel)] = 0.0
+    counts = np.bincount(where[axis], minlength=mask.shape[axis])
+    sums = np.bincount(where[axis], weights=voxel, minlength=mask.shape[axis])
+    return (sums / np.maximum(counts, 1)).astype(np.float32)
 
 
 Prototypes = tuple[torch.Tensor, torch.Tensor]  # unit-length (fg (Nf, C), bg (Nb, C))
@@ -636,7 +713,9 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
 
     Args:
         volume: 3D scan (CT in HU or MRI in scanner units).
-        painted: same shape; the structure painted on one or more slices along ``axis``.
+        painted: same shape; the structure painted on one or more slices along ``axis``. A
+            correction painted on slices of another plane (a coronal view) is walked across
+            that plane too, and the walks combined (:func:`painted_planes`, ``result.planes``).
         model: from :func:`load_model`.
         spacing: voxel size in mm along the array axes.
         axis: the slicing axis (the one the user paints across; 2 for axial NIfTI).
@@ -653,6 +732,29 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     volume, painted, axis = _check_inputs(volume, painted, spacing, axis)
     binary, label = _painted_binary(painted, label)
     _check_painting_axis(binary, axis)
+    planes = painted_planes(binary, axis)
+    if len(planes) == 1:
+        return _propagate_across(volume, binary, model, spacing, axis, options, modality, cache, progress, cancel,
+                                 affine)
+    # Painted on several planes: each plane's painting walked across its own axis, then combined.
+    results = [_propagate_across(volume, _in_slices(binary, a, np.isin(np.arange(binary.shape[a]), zs)), model,
+                                 spacing, a, options, modality, cache, progress, cancel, affine)
+               for a, zs in planes.items()]
+    first = results[0]
+    mask = _agreeing(results, binary)
+    on_slices = _slices_holding(mask, axis)
+    return replace(first, mask=mask, confidence=_combined_confidence(results, mask, axis),
+                   slice_range=(on_slices[0], on_slices[-1]), planes=planes,
+                   seconds_features=sum(r.seconds_features for r in results),
+                   seconds_head=sum(r.seconds_head for r in results),
+                   reused_features=all(r.reused_features for r in results))
+
+
+def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spacing: tuple[float, float, float],
+                      axis: int, options: PropagationOptions, modality: Modality | Literal["auto"],
+                      cache: FeatureCache | None, progress: ProgressCallback | None,
+                      cancel: Callable[[], bool] | None, affine: np.ndarray | None) -> PropagationResult:
+    """:func:`propagate` for a painting made on slices across one axis."""
     view = InPlaneView.for_scan(model, volume, affine, axis, modality)
     slices = view.show(np.moveaxis(volume, axis, 0))
     paint = view.show(np.moveaxis(binary, axis, 0))

@@ -229,7 +229,7 @@ class OneShotWidget(Container):
     def _compute(self, request: _Request, run: int):
         """Runs in the worker thread: plain engine calls only. Returns the result (its mask: any
         structure), the labels propagated and the label volume, on the display grid."""
-        from .engine import painted_labels, propagate, propagate_labels
+        from .engine import painted_labels, painted_planes, propagate, propagate_labels
 
         model = self._load_model(request.model_source, request.device)
         options = request.options(model, between_painted_only=request.between_painted_only)
@@ -250,8 +250,8 @@ class OneShotWidget(Container):
         result.mask = values != 0
         on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))
         result.slice_range = (int(on_slices[0]), int(on_slices[-1])) if on_slices.size else None
-        result.painted_slices = [int(z) for z in np.flatnonzero(
-            request.painted.any(axis=tuple(a for a in range(3) if a != request.axis)))]
+        drawn = request.painted != 0 if request.label is None else request.painted == request.label
+        result.painted_slices = painted_planes(drawn, request.axis)[request.axis]  # not a coronal correction's lines
         return result, labels, values
 
     def run(self) -> None:

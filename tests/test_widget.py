@@ -152,6 +152,29 @@ def test_rerun_after_a_correction_reuses_features_and_undo_restores(viewer_with_
     assert "phantom CT 6 propagated" not in viewer.layers
 
 
+def test_a_correction_painted_on_a_coronal_view_is_walked_across_it(viewer_with_sample):
+    """The liver also painted on its largest coronal slice (napari's dims rolled, as a user
+    checking the result in coronal does): the result is the engine's for both planes, better
+    than the axial painting alone, and the axial slices holding only the coronal painting's
+    lines are reported as segmented, not as painted."""
+    viewer, widget = viewer_with_sample
+    truth = _truth_on_display_grid(viewer)
+    painted = viewer.layers["liver painted"]
+    [axial_z] = np.flatnonzero(painted.data.any(axis=(1, 2)))
+    _run(widget)
+    alone = dice(viewer.layers["phantom CT 6 propagated"].data == LIVER, truth)
+    y = int(truth.sum(axis=(0, 2)).argmax())
+    painted.data[:, y] = np.where(truth[:, y], LIVER, painted.data[:, y])
+    painted.refresh()
+    _run(widget)
+    result = viewer.layers["phantom CT 6 propagated"].data
+    np.testing.assert_array_equal(result, _engine_result(viewer))
+    assert dice(result == LIVER, truth) > alone
+    line_only = next(z for z in np.flatnonzero(painted.data.any(axis=(1, 2))) if z != axial_z)
+    viewer.dims.set_current_step(0, line_only)
+    assert widget._slice_info.value.startswith(f"slice {line_only}: confidence 0.")
+
+
 def test_an_edited_result_is_never_overwritten(viewer_with_sample):
     viewer, widget = viewer_with_sample
     _run(widget)
