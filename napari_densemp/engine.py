@@ -913,6 +913,9 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     query_volume = check_volume(query_volume, "query image")
     _check_axis_spacing(axis, query_spacing)
     binary, label = _painted_binary(support_mask, label)
+    planes = painted_planes(binary, axis)
+    if len(planes) > 1:  # a correction painted on another plane: across patients, the slices across axis match
+        binary = _in_slices(binary, axis, np.isin(np.arange(binary.shape[axis]), planes[axis]))
     support_view = InPlaneView.for_scan(model, support_volume, support_affine, axis, modality)
     query_view = InPlaneView.for_scan(model, query_volume, query_affine, axis, modality)
     support = support_view.show(np.moveaxis(binary, axis, 0))
