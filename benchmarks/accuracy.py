@@ -123,7 +123,7 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
             print(f"{record.name}: no label file, skipped", file=sys.stderr)
             continue
         volume, label, affine = stored_as(view, scan.volume, scan.label, scan.affine)
-        cache = FeatureCache()
+        cache = FeatureCache(max_volumes=2)  # two planes painted: each axis once
         for organ in organs or [int(v) for v in np.unique(label) if v]:
             truth = label == organ
             if truth.any():
@@ -139,7 +139,7 @@ def mni152_scores(model, options: PropagationOptions, plane: str = "axial"):
     volume = np.asarray(template.get_fdata(), dtype=np.float32)
     white = np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata()) > 0.5
     grey = np.asarray(datasets.load_mni152_gm_template(resolution=1).get_fdata()) > 0.5
-    cache = FeatureCache()
+    cache = FeatureCache(max_volumes=2)
     for name, truth in [("white", white), ("grey", grey), ("brain", white | grey)]:
         yield ("mni152", name, *score_structure(volume, template.affine, truth, model, options, cache, plane))
 

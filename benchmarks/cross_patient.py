@@ -5,8 +5,9 @@ same model (3 supports, query scored on its true z-range only).
     python benchmarks/cross_patient.py --data ../shared/data/chaos_t2 --organs 1 2 3 4 --split held-out
     python benchmarks/cross_patient.py --phantoms 4
 
-Columns: "1 slice" = support painted on its slice of largest organ area (what a user paints);
-"3D" = the support's whole label (segment_like pairs its 3 chunks); "paper" = the protocol.
+Columns: "1 slice" = support painted on its slice of largest organ area (what a user paints;
+``--plane axial+coronal``: on its largest slice of each plane); "3D" = the support's whole label
+(segment_like pairs its 3 chunks); "paper" = the protocol.
 """
 
 from __future__ import annotations
@@ -18,19 +19,27 @@ import time
 import numpy as np
 from accuracy import dice, paint_largest_slice, select_scans
 
-from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, parse_rules, segment_like
+from napari_densemp.engine import (
+    FeatureCache,
+    PropagationOptions,
+    load_model,
+    parse_rules,
+    plane_axis,
+    segment_like,
+)
 from src_data.datasets import ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES
 from training.protocol import paper_protocol_mask
 
 
 def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationOptions,
-                         organs: list[int] | None = None, three_d: bool = True):
+                         organs: list[int] | None = None, three_d: bool = True, planes: str = "axial"):
     """Per query and organ: (query, support, organ, Dice with one painted slice, Dice with the 3D
     support (NaN when skipped), paper-protocol Dice, range found, true range, seconds). The
-    support is the next scan in id order among all scans of the query's folder (circular)."""
+    support is the next scan in id order among all scans of the query's folder (circular); it is
+    painted on its largest slice of each of ``planes`` ("axial" or e.g. "axial+coronal")."""
     everyone = find_scans(queries[0].image.parent) if queries else []
-    cache = FeatureCache(max_volumes=3)
+    cache = FeatureCache(max_volumes=4)  # support and query, across two planes
     for record in queries:
         support_record = everyone[(everyone.index(record) + 1) % len(everyone)]
         query, support = load_scan(record), load_scan(support_record)
@@ -38,7 +47,9 @@ def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationO
             truth, support_truth = query.label == organ, support.label == organ
             if not truth.any() or not support_truth.any():
                 continue
-            painted, _ = paint_largest_slice(support_truth)
+            painted = np.zeros_like(support_truth)
+            for plane in planes.split("+"):
+                painted |= paint_largest_slice(support_truth, plane_axis(support.affine, plane))[0]
             start = time.perf_counter()
             affines = dict(support_affine=support.affine, query_affine=query.affine)
             one = segment_like(support.volume, painted, query.volume, model, support.spacing, query.spacing,
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--scans", nargs="*", help="only these queries of the split (e.g. a validation set)")
+    parser.add_argument("--plane", default="axial", choices=["axial", "axial+coronal"],
+                        help="paint the support's largest slice of each plane (the 1-slice column)")
     parser.add_argument("--skip-3d", action="store_true", help="only the 1-slice support and the paper protocol")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
@@ -77,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'query':<16}{'support':<16}{'organ':>6}{'1 slice':>9}{'3D':>7}{'paper':>7}{'found':>10}"
           f"{'truth':>10}{'s':>6}")
     rows = []
-    for row in cross_patient_scores(queries, model, options, args.organs, three_d=not args.skip_3d):
+    for row in cross_patient_scores(queries, model, options, args.organs, three_d=not args.skip_3d,
+                                   planes=args.plane):
         query_name, support_name, organ, one, full, paper, found, true_range, seconds = row
         rows.append((organ, one, full, paper))
         print(f"{query_name:<16}{support_name:<16}{organ:>6}{100 * one:>9.1f}{100 * full:>7.1f}"

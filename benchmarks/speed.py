@@ -26,8 +26,10 @@ from napari_densemp.preprocessing import PreprocessingProfile
 from src_data.phantoms import LIVER, make_phantom
 
 
-def phantom_volume(shape: tuple[int, int, int], seed: int = 3) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """A phantom CT resampled to ``shape`` (x, y, z), its liver painted on the largest slice."""
+def phantom_volume(shape: tuple[int, int, int], seed: int = 3,
+                   coronal: bool = False) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """A phantom CT resampled to ``shape`` (x, y, z), its liver painted on the largest slice
+    (and, with ``coronal``, on its largest slice across axis 1 too: two planes walked)."""
     phantom = make_phantom(seed, "ct")
     zoom = [n / m for n, m in zip(shape, phantom.image.shape)]
     image = ndimage.zoom(phantom.image, zoom, order=1)[: shape[0], : shape[1], : shape[2]]
@@ -36,6 +38,9 @@ def phantom_volume(shape: tuple[int, int, int], seed: int = 3) -> tuple[np.ndarr
     z = int(label.sum(axis=(0, 1)).argmax())
     painted = np.zeros(label.shape, np.uint8)
     painted[..., z] = label[..., z]
+    if coronal:
+        y = int(label.sum(axis=(0, 2)).argmax())
+        painted[:, y] |= label[:, y]
     return image.astype(np.float32), painted, spacing
 
 
@@ -58,19 +63,20 @@ def candidate(depth: int, last_layer: int, device: str, fp32: bool) -> Model:
 
 def speed(args: argparse.Namespace, model: Model | None = None) -> None:
     model = model or load_model(args.model, args.device, precision="fp32" if args.fp32 else "auto")
-    image, painted, _ = phantom_volume((256, 256, 100))
+    image, painted, _ = phantom_volume((256, 256, 100), coronal=args.two_planes)
     spacing = (model.profile.in_plane_spacing_mm, model.profile.in_plane_spacing_mm, 2.5)
     slices = np.moveaxis(image, 2, 0)
     run = dict(spacing=spacing, options=model.default_options(**parse_rules(args.rule)))
     propagate(image, painted, model, **run)  # warm-up (allocator, oneDNN kernels)
     backbone = best_of(lambda: compute_features(model, slices, spacing[:2]), args.repeats)
     whole = best_of(lambda: propagate(image, painted, model, **run), args.repeats)
-    cache = FeatureCache()
+    cache = FeatureCache(max_volumes=2)  # two planes: both passes cached
     propagate(image, painted, model, cache=cache, **run)
     rerun = best_of(lambda: propagate(image, painted, model, cache=cache, **run), args.repeats)
     precision = "bf16 autocast" if model.uses_bf16 else "fp32"
     print(f"model {model.name}, {model.device}, {precision}, {torch.get_num_threads()} threads"
-          + (f", rules {' '.join(args.rule)}" if args.rule else ""))
+          + (f", rules {' '.join(args.rule)}" if args.rule else "")
+          + (", painted on an axial and a coronal slice" if args.two_planes else ""))
     print("100 slices of 256x256:")
     print(f"  whole propagation   {whole:6.2f} s   {1000 * whole / 100:6.1f} ms/slice")
     print(f"  backbone alone      {backbone:6.2f} s   {1000 * backbone / 100:6.1f} ms/slice (one pass)")
@@ -99,6 +105,8 @@ def main() -> int:
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="propagation rules (PropagationOptions fields), e.g. mirror_average=1")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--two-planes", action="store_true",
+                        help="also paint a coronal slice: both planes walked (backbone alone: the axial pass)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backbones", nargs="*", metavar="DEPTH:LAYER",
                         help="time backbone candidates instead (e.g. 18:3 18:4 34:3 50:3)")

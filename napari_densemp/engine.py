@@ -333,6 +333,11 @@ def _in_slices(binary: np.ndarray, axis: int, chosen: np.ndarray) -> np.ndarray:
     return binary & chosen.reshape(shape)
 
 
+def _on_slices(binary: np.ndarray, axis: int, slices: list[int]) -> np.ndarray:
+    """The painting on the given slices across ``axis`` only (one plane's painting)."""
+    return _in_slices(binary, axis, np.isin(np.arange(binary.shape[axis]), slices))
+
+
 def painted_planes(binary: np.ndarray, axis: int) -> dict[int, list[int]]:
     """The planes a structure was painted on, {axis: slices}, the slicing axis first: one entry
     unless the painting also covers areas of slices across other axes (a correction painted on a
@@ -377,6 +382,18 @@ def _agreeing(results: list[PropagationResult], painted: np.ndarray) -> np.ndarr
         kept &= result.mask | ~inside
         reached |= inside
     return (kept & reached) | painted
+
+
+def _combined(results: list[PropagationResult], painted: np.ndarray, axis: int,
+              planes: dict[int, list[int]]) -> PropagationResult:
+    """The walks across each painted plane as one result, reported along ``axis``."""
+    mask = _agreeing(results, painted)
+    on_slices = _slices_holding(mask, axis)
+    return replace(results[0], mask=mask, confidence=_combined_confidence(results, mask, axis),
+                   slice_range=(on_slices[0], on_slices[-1]) if on_slices else None, planes=planes,
+                   seconds_features=sum(r.seconds_features for r in results),
+                   seconds_head=sum(r.seconds_head for r in results),
+                   reused_features=all(r.reused_features for r in results))
 
 
 def _combined_confidence(results: list[PropagationResult], mask: np.ndarray, axis: int) -> np.ndarray:
@@ -737,17 +754,9 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         return _propagate_across(volume, binary, model, spacing, axis, options, modality, cache, progress, cancel,
                                  affine)
     # Painted on several planes: each plane's painting walked across its own axis, then combined.
-    results = [_propagate_across(volume, _in_slices(binary, a, np.isin(np.arange(binary.shape[a]), zs)), model,
-                                 spacing, a, options, modality, cache, progress, cancel, affine)
-               for a, zs in planes.items()]
-    first = results[0]
-    mask = _agreeing(results, binary)
-    on_slices = _slices_holding(mask, axis)
-    return replace(first, mask=mask, confidence=_combined_confidence(results, mask, axis),
-                   slice_range=(on_slices[0], on_slices[-1]), planes=planes,
-                   seconds_features=sum(r.seconds_features for r in results),
-                   seconds_head=sum(r.seconds_head for r in results),
-                   reused_features=all(r.reused_features for r in results))
+    results = [_propagate_across(volume, _on_slices(binary, a, zs), model, spacing, a, options, modality, cache,
+                                 progress, cancel, affine) for a, zs in planes.items()]
+    return _combined(results, binary, axis, planes)
 
 
 def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spacing: tuple[float, float, float],
@@ -801,7 +810,7 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
     result.
     """
     painted = _integer_painting(painted)
-    cache = cache if cache is not None else FeatureCache()
+    cache = cache if cache is not None else FeatureCache(max_volumes=3)  # one per slicing axis walked
     labels = painted_labels(painted)
     axes = {label: painting_axis(painted == label, affine=affine) if axis == "auto" else axis for label in labels}
     results = {}
@@ -900,7 +909,9 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     axis, ``options.position_prior``) seeds the same walk as :func:`propagate`. A support mask
     on several slices (a finished 3D mask) then supplies ``options.support_chunks`` supports,
     the centres of equal parts of the structure, each anchored at the matching part of the
-    query's found extent (the paper's pairing).
+    query's found extent (the paper's pairing). A support painted on slices of two planes (an
+    axial and a coronal slice) is found and walked across each, combined as :func:`propagate`
+    combines them.
 
     The affines, when given, show both scans to the model in its training orientation, as
     :func:`propagate` does. Returns a :class:`PropagationResult` on the query's grid; ``found_at``
@@ -914,8 +925,11 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     _check_axis_spacing(axis, query_spacing)
     binary, label = _painted_binary(support_mask, label)
     planes = painted_planes(binary, axis)
-    if len(planes) > 1:  # a correction painted on another plane: across patients, the slices across axis match
-        binary = _in_slices(binary, axis, np.isin(np.arange(binary.shape[axis]), planes[axis]))
+    if len(planes) > 1:  # painted on several planes: found and walked across each, combined as propagate does
+        results = [segment_like(support_volume, _on_slices(binary, a, zs), query_volume, model, support_spacing,
+                                query_spacing, a, None, options, modality, cache, progress, cancel, support_affine,
+                                query_affine) for a, zs in planes.items()]
+        return _combined(results, np.zeros(query_volume.shape, bool), axis, planes)
     support_view = InPlaneView.for_scan(model, support_volume, support_affine, axis, modality)
     query_view = InPlaneView.for_scan(model, query_volume, query_affine, axis, modality)
     support = support_view.show(np.moveaxis(binary, axis, 0))

@@ -58,20 +58,18 @@ def test_segment_like_tells_the_right_kidney_from_the_left(ct_phantom, other_ct,
     assert dice(result.mask, other_ct.label == LEFT_KIDNEY) < 0.02
 
 
-def test_a_supports_correction_on_another_plane_is_not_taken_for_support_slices(ct_phantom, other_ct,
-                                                                                  default_model):
-    """Across patients the support's slices across the slicing axis are matched; a coronal
-    correction (which propagate walks) leaves only lines in them and must not become supports."""
-    painted, _ = paint_largest(ct_phantom.label, LIVER)
+def test_a_support_painted_on_two_planes_is_found_across_both(ct_phantom, other_ct, default_model):
+    """The support's liver painted on its largest axial and coronal slices: each plane is found
+    and walked in the query, and the walks combined (the coronal painting's lines never become
+    axial supports)."""
     truth = ct_phantom.label == LIVER
+    painted, z = paint_largest(ct_phantom.label, LIVER)
     y = int(truth.sum(axis=(0, 2)).argmax())
-    corrected = painted.copy()
-    corrected[:, y] |= truth[:, y]
-    args = (ct_phantom.image, other_ct.image, default_model, ct_phantom.spacing, other_ct.spacing)
-    alone = segment_like(args[0], painted, *args[1:])
-    both = segment_like(args[0], corrected, *args[1:])
-    np.testing.assert_array_equal(both.mask, alone.mask)
-    assert dice(both.mask, other_ct.label == LIVER) > 0.70
+    painted[:, y] |= truth[:, y]
+    result = segment_like(ct_phantom.image, painted, other_ct.image, default_model, ct_phantom.spacing,
+                          other_ct.spacing, support_affine=ct_phantom.affine, query_affine=other_ct.affine)
+    assert result.planes == {2: [z], 1: [y]} and result.mask.shape == other_ct.image.shape
+    assert dice(result.mask, other_ct.label == LIVER) > 0.70  # 0.728; its axial slice alone 0.777
 
 
 def test_a_3d_support_is_paired_by_chunks(ct_phantom, other_ct, default_model):
