@@ -389,16 +389,17 @@ def _combined(results: list[PropagationResult], painted: np.ndarray, axis: int,
     """The walks across each painted plane as one result, reported along ``axis``."""
     mask = _agreeing(results, painted)
     on_slices = _slices_holding(mask, axis)
-    return replace(results[0], mask=mask, confidence=_combined_confidence(results, mask, axis),
+    return replace(results[0], mask=mask, confidence=confidence_along(results, mask, axis),
                    slice_range=(on_slices[0], on_slices[-1]) if on_slices else None, planes=planes,
                    seconds_features=sum(r.seconds_features for r in results),
                    seconds_head=sum(r.seconds_head for r in results),
                    reused_features=all(r.reused_features for r in results))
 
 
-def _combined_confidence(results: list[PropagationResult], mask: np.ndarray, axis: int) -> np.ndarray:
-    """Per slice across ``axis``: the mean over the combined mask's voxels there of the lowest
-    confidence any walk that reached a voxel gave its slice (0 where the mask is empty)."""
+def confidence_along(results: list[PropagationResult], mask: np.ndarray, axis: int) -> np.ndarray:
+    """Per slice across ``axis``: the mean over ``mask``'s voxels there of the lowest confidence
+    any of the walks (of one structure) that reached a voxel gave its slice (0 where the mask is
+    empty): a structure walked across other planes, reported along ``axis``."""
     where = np.nonzero(mask)
     voxel = np.full(where[0].size, np.inf, dtype=np.float32)
     for result in results:
@@ -795,7 +796,8 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
 
 
 def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
-                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int | Literal["auto"] = 2,
+                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                     axis: int | Literal["auto"] | dict[int, int] = 2,
                      options: PropagationOptions | None = None, modality: Modality | Literal["auto"] = "auto",
                      cache: FeatureCache | None = None, progress: ProgressCallback | None = None,
                      cancel: Callable[[], bool] | None = None,
@@ -803,8 +805,8 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
     """Every structure painted (one label value each) propagated through ``volume``.
 
     The backbone runs once per slicing axis; each label is walked as :func:`propagate` walks
-    one, across ``axis`` or, with ``"auto"``, across the plane it was painted on
-    (:func:`painting_axis`; each result's ``axis`` says which). Where two structures claim a
+    one, across ``axis``, or each across its own (``{label: axis}``), or with ``"auto"`` across
+    the plane it was painted on (:func:`painting_axis`; each result's ``axis`` says which). Where two structures claim a
     voxel, the one more confident on its slice keeps it; painted voxels keep their painted
     label. Returns the label volume (``painted``'s values, ``volume``'s shape) and each label's
     result.
@@ -812,7 +814,11 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
     painted = _integer_painting(painted)
     cache = cache if cache is not None else FeatureCache(max_volumes=3)  # one per slicing axis walked
     labels = painted_labels(painted)
-    axes = {label: painting_axis(painted == label, affine=affine) if axis == "auto" else axis for label in labels}
+    if isinstance(axis, dict):
+        axes = {label: axis[label] for label in labels}
+    else:
+        axes = {label: painting_axis(painted == label, affine=affine) if axis == "auto" else axis
+                for label in labels}
     results = {}
     for label in sorted(labels, key=lambda value: axes[value] % 3):  # one axis' features at a time
         results[label] = propagate(volume, painted, model, spacing, axes[label], label, options, modality, cache,

@@ -74,6 +74,7 @@ class _Request:
     device: str
     between_painted_only: bool
     mirror_average: bool
+    axis_auto: bool = False  # each structure walked across the plane it was painted on (axis: the slider's)
     image_layer: Any = None
     geometry: Geometry | None = None  # the scan's stored grid, when the layer came from our reader
     targets: list | None = None  # segment_open_images: the other image layers
@@ -129,7 +130,8 @@ class OneShotWidget(Container):
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
         self._axis = ComboBox(label="slicing axis", choices=["auto", "0", "1", "2"],
-                              tooltip="auto: the axis of the slider (the one not displayed).")
+                              tooltip="auto: each structure across the plane it was painted on (a coronal "
+                                      "view's slice walks coronal slices), else the slider's axis.")
         self._between = CheckBox(text="only between the painted slices", value=False)
         self._mirror = CheckBox(text="average with the scan mirrored", value=False,
                                 tooltip="The result then mirrors exactly with the scan: for scans whose left and "
@@ -212,7 +214,7 @@ class OneShotWidget(Container):
             spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),
             label=int(self._label.value) or None, model_source=source, device=self._device.value,
             between_painted_only=bool(self._between.value), mirror_average=bool(self._mirror.value),
-            image_layer=image,
+            axis_auto=self._axis.value == "auto", image_layer=image,
             geometry=Geometry.from_metadata(image.metadata))
 
     # ------------------------------------------------------------------ running
@@ -229,7 +231,14 @@ class OneShotWidget(Container):
     def _compute(self, request: _Request, run: int):
         """Runs in the worker thread: plain engine calls only. Returns the result (its mask: any
         structure), the labels propagated and the label volume, on the display grid."""
-        from .engine import painted_labels, painted_planes, propagate, propagate_labels
+        from .engine import (
+            confidence_along,
+            painted_labels,
+            painted_planes,
+            painting_axis,
+            propagate,
+            propagate_labels,
+        )
 
         model = self._load_model(request.model_source, request.device)
         options = request.options(model, between_painted_only=request.between_painted_only)
@@ -237,15 +246,22 @@ class OneShotWidget(Container):
         labels = [request.label] if request.label else painted_labels(painted)
         kwargs = dict(options=options, cache=self._feature_cache, cancel=self._cancel_flag.is_set, affine=affine,
                       progress=lambda done, total, stage: self._relay.progressed.emit(run, done, total, stage))
+        if request.axis_auto:  # each structure across the plane it was painted on, else the slider's
+            walks = {label: painting_axis(painted == label, default=axis) for label in labels}
+        else:
+            walks = dict.fromkeys(labels, axis)
         if len(labels) == 1:
-            result = propagate(volume, painted, model, spacing=spacing, axis=axis, label=labels[0], **kwargs)
-            values = result.mask.astype(np.uint8 if labels[0] <= 255 else np.int32)  # the layer's dtype
+            results = {labels[0]: propagate(volume, painted, model, spacing=spacing, axis=walks[labels[0]],
+                                            label=labels[0], **kwargs)}
+            values = results[labels[0]].mask.astype(np.uint8 if labels[0] <= 255 else np.int32)  # the layer's dtype
             values *= labels[0]
         else:  # every structure painted, one run (see propagate_labels)
-            values, results = propagate_labels(volume, painted, model, spacing=spacing, axis=axis, **kwargs)
-            result = replace(results[labels[0]],
-                             confidence=np.max([r.confidence for r in results.values()], axis=0),
-                             seconds_head=sum(r.seconds_head for r in results.values()))
+            values, results = propagate_labels(volume, painted, model, spacing=spacing, axis=walks, **kwargs)
+        # Reported along the slider's axis, whichever plane each structure was walked across.
+        confidence = np.max([r.confidence if r.axis == axis else confidence_along([r], r.mask, axis)
+                             for r in results.values()], axis=0)
+        result = replace(results[labels[0]], confidence=confidence,
+                         seconds_head=sum(r.seconds_head for r in results.values()))
         values, result.confidence = request.to_display(values, result.confidence)
         result.mask = values != 0
         on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))

@@ -36,7 +36,7 @@ def _truth_on_display_grid(viewer) -> np.ndarray:
     return geometry.display(phantom.label == LIVER)
 
 
-def _engine_result(viewer, model: str = "default", **rules) -> np.ndarray:
+def _engine_result(viewer, model: str = "default", axis="auto", **rules) -> np.ndarray:
     """What the engine gives, as densemp-segment calls it, for the sample's painting: the scan on
     its stored grid with its affine; the label volume back on the display grid. The widget is a
     thin shell, so its result must be exactly this."""
@@ -45,7 +45,7 @@ def _engine_result(viewer, model: str = "default", **rules) -> np.ndarray:
     painted = geometry.stored(np.asarray(viewer.layers["liver painted"].data))
     loaded = load_model(model, "cpu")
     values, _ = propagate_labels(volume, painted, loaded, spacing=geometry.stored_spacing, affine=geometry.affine,
-                                 options=loaded.default_options(**rules))
+                                 axis=axis, options=loaded.default_options(**rules))
     return geometry.display(values)
 
 
@@ -213,6 +213,28 @@ def test_several_painted_structures_are_propagated_into_one_layer(viewer_with_sa
     assert f"volume {RIGHT_KIDNEY}: " in widget._status.value and f", {LIVER}: " in widget._status.value
     widget.undo()
     assert "phantom CT propagated" not in viewer.layers
+
+
+def test_a_structure_painted_on_a_coronal_view_walks_coronal_slices(viewer_with_sample):
+    """The kidney painted on a coronal slice (dims rolled), the liver on an axial one, and the
+    slider back on the axial axis: each is walked across the plane it was painted on, as
+    densemp-segment does, instead of an error asking for another slicing axis."""
+    viewer, widget = viewer_with_sample
+    phantom = make_phantom(seed=7, modality="ct")
+    kidney = Geometry.from_metadata(viewer.layers["phantom CT"].metadata).display(phantom.label == RIGHT_KIDNEY)
+    painted = viewer.layers["liver painted"]
+    data = painted.data.copy()
+    y = int(kidney.sum(axis=(0, 2)).argmax())
+    data[:, y][kidney[:, y]] = RIGHT_KIDNEY
+    painted.data = data
+    _run(widget)
+    result = viewer.layers["phantom CT propagated"]
+    np.testing.assert_array_equal(result.data, _engine_result(viewer))
+    assert dice(result.data == RIGHT_KIDNEY, kidney) > 0.5
+    assert dice(result.data == LIVER, _truth_on_display_grid(viewer)) > 0.75
+    confidence = np.array(result.metadata["densemp_result"]["confidence"])
+    on_slices = np.flatnonzero(result.data.any(axis=(1, 2)))
+    assert confidence.shape == (result.data.shape[0],) and (confidence[on_slices] > 0).all()
 
 
 def test_cancel_stops_a_run_and_changes_nothing(viewer_with_sample):
