@@ -84,8 +84,8 @@ def speed(args: argparse.Namespace, model: Model | None = None) -> None:
     print(f"  re-run (cached)     {rerun:6.2f} s")
 
 
-def memory_child(model_source: str, device: str, rules: list[str]) -> None:
-    image, painted, spacing = phantom_volume((512, 512, 300))
+def memory_child(model_source: str, device: str, rules: list[str], two_planes: bool = False) -> None:
+    image, painted, spacing = phantom_volume((512, 512, 300), coronal=two_planes)
     model = load_model(model_source, device)
     options = model.default_options(**parse_rules(rules))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -112,7 +112,7 @@ def main() -> int:
                         help="time backbone candidates instead (e.g. 18:3 18:4 34:3 50:3)")
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.model, args.device, args.rule)
+        memory_child(args.model, args.device, args.rule, args.two_planes)
         return 0
     if args.backbones:
         for item in args.backbones:
@@ -122,7 +122,8 @@ def main() -> int:
     speed(args)
     if args.memory:
         out = subprocess.run([sys.executable, __file__, "--memory-child", "--model", args.model,
-                              "--device", args.device, "--rule", *args.rule],
+                              "--device", args.device, "--rule", *args.rule,
+                              *(["--two-planes"] if args.two_planes else [])],
                              check=True, capture_output=True, text=True)
         figures = json.loads(out.stdout.strip().splitlines()[-1])
         print("512x512x300 CT (float32 input "
