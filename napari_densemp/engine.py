@@ -163,7 +163,7 @@ def compute_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, 
     start = time.perf_counter()
     prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
     total = prepared.shape[0]
-    chunks = []
+    features = None  # filled batch by batch: no second copy of the volume's features at the end
     dtype = torch.bfloat16 if model.uses_bf16 else torch.float32
     with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
                                                 enabled=model.uses_bf16):
@@ -171,10 +171,13 @@ def compute_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, 
             _check_cancel(cancel)
             batch = prepared[first:first + batch_size, None].to(model.device)
             batch = batch.contiguous(memory_format=torch.channels_last)
-            chunks.append(model.network.embed(batch).to("cpu", dtype).contiguous())
+            embedded = model.network.embed(batch)
+            if features is None:
+                features = torch.empty((total, *embedded.shape[1:]), dtype=dtype)
+            features[first:first + len(embedded)] = embedded.to("cpu", dtype)
             if progress is not None:
                 progress(min(first + batch_size, total), total, stage)
-    return VolumeFeatures(torch.cat(chunks), tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality,
+    return VolumeFeatures(features, tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality,
                           time.perf_counter() - start)
 
 
