@@ -90,8 +90,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`), each
     structure's own when several are painted. With several label values painted and no
     ``label``, every structure is propagated and the output holds the painted values; with one,
-    the output is 0/1. ``mirror_average=None`` keeps
-    the model's own setting.
+    the output is 0/1. ``mirror_average=None`` keeps the model's own setting.
     """
     from .engine import load_model, painted_labels, painting_axis, propagate, propagate_labels
 

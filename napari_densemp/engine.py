@@ -809,10 +809,10 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
 
     The backbone runs once per slicing axis; each label is walked as :func:`propagate` walks
     one, across ``axis``, or each across its own (``{label: axis}``), or with ``"auto"`` across
-    the plane it was painted on (:func:`painting_axis`; each result's ``axis`` says which). Where two structures claim a
-    voxel, the one more confident on its slice keeps it; painted voxels keep their painted
-    label. Returns the label volume (``painted``'s values, ``volume``'s shape) and each label's
-    result.
+    the plane it was painted on (:func:`painting_axis`; each result's ``axis`` says which).
+    Where two structures claim a voxel, the one more confident on its slice keeps it; painted
+    voxels keep their painted label. Returns the label volume (``painted``'s values,
+    ``volume``'s shape) and each label's result.
     """
     painted = _integer_painting(painted)
     cache = cache if cache is not None else FeatureCache(max_volumes=3)  # one per slicing axis walked
