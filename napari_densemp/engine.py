@@ -387,10 +387,15 @@ def _agreeing(results: list[PropagationResult], painted: np.ndarray) -> np.ndarr
     return (kept & reached) | painted
 
 
-def _combined(results: list[PropagationResult], painted: np.ndarray, axis: int,
-              planes: dict[int, list[int]]) -> PropagationResult:
-    """The walks across each painted plane as one result, reported along ``axis``."""
+def _combined(results: list[PropagationResult], painted: np.ndarray, axis: int, planes: dict[int, list[int]],
+              within: tuple[int, int] | None = None) -> PropagationResult:
+    """The walks across each painted plane as one result, reported along ``axis`` (and kept to
+    its slices ``within``, plus the painting, when given)."""
     mask = _agreeing(results, painted)
+    if within is not None:
+        between = np.zeros(mask.shape[axis], bool)
+        between[within[0]:within[1] + 1] = True
+        mask = _in_slices(mask, axis, between) | painted
     on_slices = _slices_holding(mask, axis)
     return replace(results[0], mask=mask, confidence=confidence_along(results, mask, axis),
                    slice_range=(on_slices[0], on_slices[-1]) if on_slices else None, planes=planes,
@@ -758,9 +763,13 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         return _propagate_across(volume, binary, model, spacing, axis, options, modality, cache, progress, cancel,
                                  affine)
     # Painted on several planes: each plane's painting walked across its own axis, then combined.
-    results = [_propagate_across(volume, _on_slices(binary, a, zs), model, spacing, a, options, modality, cache,
-                                 progress, cancel, affine) for a, zs in planes.items()]
-    return _combined(results, binary, axis, planes)
+    # "Only between the painted slices" bounds the slicing axis; the other planes walk freely.
+    free = replace(options, between_painted_only=False)
+    results = [_propagate_across(volume, _on_slices(binary, a, zs), model, spacing, a,
+                                 options if a == axis else free, modality, cache, progress, cancel, affine)
+               for a, zs in planes.items()]
+    within = (planes[axis][0], planes[axis][-1]) if options.between_painted_only else None
+    return _combined(results, binary, axis, planes, within)
 
 
 def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spacing: tuple[float, float, float],

@@ -413,6 +413,27 @@ def test_a_correction_painted_on_another_plane_is_walked_across_it(ct_phantom, d
     assert dice(result.mask, truth) > 0.85 and dice(result.mask, truth) >= dice(alone.mask, truth)  # 0.889, 0.863
 
 
+def test_between_painted_slices_bounds_the_slicing_axis_when_painted_on_two_planes(ct_phantom, default_model):
+    """Top and bottom painted on axial slices and a coronal slice too, "only between the painted
+    slices": the coronal walk still runs, but nothing beyond the axial paintings is added
+    (before, the coronal walk was held to its own single slice)."""
+    truth = ct_phantom.label == LIVER
+    zs = np.flatnonzero(truth.any(axis=(0, 1)))
+    top, bottom = int(zs[3]), int(zs[-4])
+    y = int(truth.sum(axis=(0, 2)).argmax())
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[..., [top, bottom]] = truth[..., [top, bottom]]
+    painted[:, y] |= truth[:, y]
+    result = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2,
+                       affine=ct_phantom.affine, options=default_model.default_options(between_painted_only=True))
+    assert result.planes == {2: [top, bottom], 1: [y]}
+    outside = np.ones(truth.shape[2], bool)
+    outside[top:bottom + 1] = False
+    np.testing.assert_array_equal(result.mask[..., outside], painted[..., outside].astype(bool))
+    inside = slice(top, bottom + 1)
+    assert dice(result.mask[..., inside], truth[..., inside]) > 0.85  # 0.864; the axial paintings alone 0.828
+
+
 def test_label_choice(ct_phantom, default_model):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     with pytest.raises(DenseMPError, match="Label 4 is not painted"):
