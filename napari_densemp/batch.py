@@ -27,6 +27,7 @@ from .engine import (
     painted_labels,
     segment_like,
     segment_like_labels,
+    walked_axes,
 )
 from .errors import DenseMPError
 from .io import Scan, as_3d, is_nifti, read_scan, write_nifti
@@ -173,7 +174,8 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {Path(p).resolve() for p in (support.scan.path,) if p is not None}
-    cache = FeatureCache(max_volumes=2)  # the support's features stay while queries pass through
+    # The support's features (of each plane it was painted on) stay while queries pass through.
+    cache = FeatureCache(max_volumes=2 * len(walked_axes(support.mask, axis)))
     rows = []
     for path in scans:
         if cancel is not None and cancel():

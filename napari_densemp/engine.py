@@ -362,6 +362,13 @@ def painted_planes(binary: np.ndarray, axis: int) -> dict[int, list[int]]:
     return planes
 
 
+def walked_axes(mask: np.ndarray, axis: int) -> set[int]:
+    """The slicing axes the structures of ``mask`` (one label value each) are walked across:
+    ``axis``, and any other plane one of them was also painted on."""
+    mask = _integer_painting(mask)
+    return {a for label in painted_labels(mask) for a in painted_planes(mask == label, axis)}
+
+
 def _slices_holding(binary: np.ndarray, axis: int) -> list[int]:
     return [int(z) for z in np.flatnonzero(np.moveaxis(binary, axis, 0).reshape(binary.shape[axis], -1).any(axis=1))]
 
@@ -1038,8 +1045,9 @@ def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, qu
     the one more confident on that slice) and each label's result.
     """
     support_mask = _integer_painting(support_mask)
-    if cache is None or cache.max_volumes < 2:  # support and query must both stay for every label
-        cache = FeatureCache(max_volumes=2)
+    needed = 2 * len(walked_axes(support_mask, axis % 3))  # support and query, per plane walked
+    if cache is None or cache.max_volumes < needed:  # ... must all stay for every label
+        cache = FeatureCache(max_volumes=needed)
     results = {label: segment_like(support_volume, support_mask, query_volume, model, support_spacing, query_spacing,
                                    axis, label, options, modality, cache, progress, cancel, support_affine,
                                    query_affine)

@@ -221,3 +221,23 @@ def test_a_support_without_the_structure_is_named_before_any_scan(ct_phantom):
     with pytest.raises(DenseMPError, match="Label 3 is not in the support mask; its values: 6"):
         Support(Scan(ct_phantom.image, ct_phantom.affine, None, None),
                 (ct_phantom.label == LIVER).astype(np.uint8) * 6, label=3)
+
+
+def test_a_two_plane_support_is_embedded_once_per_plane_for_a_whole_folder(folder, ct_phantom, default_model,
+                                                                            tmp_path, monkeypatch):
+    """Painted on an axial and a coronal slice, the support's features of both planes stay
+    cached while the folder's scans pass through: 2 support passes + 2 per scan, not 4 per scan."""
+    import napari_densemp.engine as engine
+
+    root, _ = folder
+    truth = ct_phantom.label == LIVER
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    y = int(truth.sum(axis=(0, 2)).argmax())
+    painted[:, y] |= truth[:, y]
+    support = Support(Scan(ct_phantom.image, ct_phantom.affine, None, None), painted, None)
+    passes = []
+    real = engine.compute_features
+    monkeypatch.setattr(engine, "compute_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    scans = list_scans(root / "scans", "[ab].nii.gz")
+    rows = segment_folder(support, scans, tmp_path / "out", default_model)
+    assert [r.status for r in rows] == ["done", "done"] and len(passes) == 2 + 2 * len(scans)
