@@ -459,16 +459,18 @@ class OneShotWidget(Container):
 
     def _compute_many(self, request: _Request, run: int) -> list:
         from .batch import segment_scan
+        from .engine import FeatureCache, walked_axes
 
         model = self._load_model(request.model_source, request.device)
         support, axis = self._support(request)
+        planes = len(walked_axes(support.mask, axis))  # painted on two planes: both support passes kept
+        cache = self._feature_cache if planes == 1 else FeatureCache(max_volumes=2 * planes)
         results = []
         for i, layer in enumerate(request.targets):
             self._relay.progressed.emit(run, i, len(request.targets), f"segmenting '{layer.name}'")
             scan, geometry = self._layer_scan(layer)
             try:
-                values, found = segment_scan(support, scan, model, axis, request.options(model),
-                                             self._feature_cache,
+                values, found = segment_scan(support, scan, model, axis, request.options(model), cache,
                                              self._cancel_flag.is_set)
                 if len(found) == 1:  # a 0/1 mask: give it the painted value
                     [label] = found
