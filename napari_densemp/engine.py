@@ -313,13 +313,20 @@ def painting_axis(painted: np.ndarray, default: int = 2, affine: np.ndarray | No
 
 
 def _check_painting_axis(binary: np.ndarray, axis: int) -> None:
-    """A painting that lies in one plane across ``axis`` was made on another axis' slice."""
+    """A painting that lies in one plane across ``axis``, or covers areas only of slices across
+    another axis, was made on that axis' slices."""
     counts = _painted_slice_counts(binary)
     flat = [k for k in range(3) if k != axis and counts[k] == 1]
     if counts[axis] > 2 and flat:
         raise DenseMPError(f"The painting lies in a single slice along axis {flat[0]} but spans {counts[axis]} "
                            f"slices along the slicing axis {axis}: it was painted on a slice of axis {flat[0]}. "
                            f"Set the slicing axis to {flat[0]}.")
+    if counts[axis] > 2 and not _area_slices(binary, axis).any():
+        other = next((k for k in range(3) if k != axis and _area_slices(binary, k).any()), None)
+        if other is not None:
+            raise DenseMPError(f"The painting covers areas only on slices of axis {other}; across the slicing axis "
+                               f"{axis} it leaves lines on {counts[axis]} slices: it was painted on slices of axis "
+                               f"{other}. Set the slicing axis to {other}.")
 
 
 def _area_slices(binary: np.ndarray, axis: int) -> np.ndarray:

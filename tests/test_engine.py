@@ -325,6 +325,9 @@ def test_painting_on_another_axis_is_named(ct_phantom, default_model):
     painted[x] = ct_phantom.label[x] == LIVER  # a sagittal slice painted, axial slicing asked
     with pytest.raises(DenseMPError, match="Set the slicing axis to 0"):
         propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2)
+    painted[x + 12] = ct_phantom.label[x + 12] == LIVER  # two sagittal slices: lines on every axial slice
+    with pytest.raises(DenseMPError, match=r"covers areas only on slices of axis 0.*Set the slicing axis to 0"):
+        propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2)
 
 
 def test_painting_axis_is_the_one_plane_painted():
