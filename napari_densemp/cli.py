@@ -68,7 +68,7 @@ def _progress_bar():
 
     def update(done: int, total: int, stage: str) -> None:
         bar = bars.get(stage)
-        if bar is None:
+        if bar is None or bar.total != total or done < bar.n:  # a new stage, or the same stage on another volume
             for other in bars.values():
                 other.close()
             bar = bars[stage] = tqdm(total=total, desc=stage, unit="slice" if total > 1 else "step", leave=False)

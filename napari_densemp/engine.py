@@ -1,10 +1,11 @@
 """The propagation engine: numpy in, numpy out, no Qt.
 
-``propagate`` turns one or a few painted slices into a 3D mask. The backbone runs once per
-volume (features are cached, so a correction re-runs only the light head); the ALP head
-scores every slice against the nearest painted slice(s); a walk outward from each painted
-slice keeps what is connected to the previous slice's mask and stops where the structure
-ends (see :class:`PropagationOptions` for the rules and why).
+``propagate`` turns one or a few painted slices into a 3D mask. A walk outward from each
+painted slice keeps what is connected to the previous slice's mask and stops where the
+structure ends (see :class:`PropagationOptions` for the rules and why); the backbone embeds a
+slice when the walk first reaches it, at most once per volume (features are cached, so a
+correction re-runs only the light head), and the ALP head scores it against the nearest
+painted slice(s).
 """
 
 from __future__ import annotations
@@ -105,16 +106,85 @@ def load_model(source: str | Path = "default", device: str = "auto",
 
 
 # --------------------------------------------------------------------------- features
-@dataclass
 class VolumeFeatures:
-    """Backbone features of every slice of a volume, on the model's in-plane grid."""
+    """Backbone features of a volume's slices on the model's in-plane grid, each slice computed
+    the first time it is asked for and then kept.
 
-    features: torch.Tensor  # (S, C, h, w) bfloat16 on the CPU
-    grid_size: tuple[int, int]  # model-grid slice size (H, W)
-    native_size: tuple[int, int]
-    modality: Modality
-    seconds: float
-    mirrored: VolumeFeatures | None = None  # the slices mirrored along their first in-plane axis
+    The walk visits only the slices near the structure, so a kidney in a 300-slice CT pays the
+    backbone for a few dozen slices, not 300; a re-run after a correction reuses what the first
+    run computed. Slices are embedded a batch at a time, in bf16 where the hardware has it.
+    """
+
+    def __init__(self, prepared: torch.Tensor | None, grid_size: tuple[int, int], native_size: tuple[int, int],
+                 modality: Modality, model: Model | None = None, features: torch.Tensor | None = None) -> None:
+        self.grid_size = grid_size
+        self.native_size = native_size
+        self.modality = modality
+        self.seconds = 0.0  # spent preparing and embedding so far
+        self.mirrored: VolumeFeatures | None = None  # the slices mirrored along their first in-plane axis
+        self.count = len(features) if features is not None else len(prepared)
+        self._prepared = prepared  # the z-scored slices on the model grid, until every slice is embedded
+        self._model = model
+        self._features = features  # (S, C, h, w) on the CPU, allocated at the first batch
+        self._done = np.full(self.count, features is not None)
+        self._lock = threading.RLock()
+
+    @classmethod
+    def of(cls, model: Model, slices: np.ndarray, spacing_hw: tuple[float, float],
+           modality: Modality | Literal["auto"] = "auto") -> VolumeFeatures:
+        """(S, H, W) slices prepared for ``model``; nothing embedded yet."""
+        start = time.perf_counter()
+        prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
+        feats = cls(prepared, tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality, model)
+        feats.seconds = time.perf_counter() - start
+        return feats
+
+    @classmethod
+    def precomputed(cls, features: torch.Tensor, grid_size: tuple[int, int], native_size: tuple[int, int],
+                    modality: Modality) -> VolumeFeatures:
+        return cls(None, grid_size, native_size, modality, features=features)
+
+    @property
+    def computed(self) -> int:
+        """How many slices have been embedded."""
+        return int(self._done.sum())
+
+    def slices(self, index: int | list[int], progress: ProgressCallback | None = None,
+               cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Features of slice ``index`` (C, h, w), or of a list of slices (N, C, h, w)."""
+        wanted = [index] if isinstance(index, int) else list(index)
+        self._embed([z for z in wanted if not self._done[z]], progress, cancel)
+        return self._features[index]
+
+    def all(self, progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Features of every slice (S, C, h, w)."""
+        self._embed([int(z) for z in np.flatnonzero(~self._done)], progress, cancel)
+        return self._features
+
+    def _embed(self, missing: list[int], progress: ProgressCallback | None, cancel: Callable[[], bool] | None,
+               batch_size: int = 8) -> None:
+        if not missing:
+            return
+        model = self._model
+        with self._lock, torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
+                                                                  enabled=model.uses_bf16):
+            missing = [z for z in missing if not self._done[z]]  # another thread may have done some
+            for first in range(0, len(missing), batch_size):
+                _check_cancel(cancel)
+                start = time.perf_counter()
+                chosen = missing[first:first + batch_size]
+                batch = self._prepared[chosen, None].to(model.device).contiguous(memory_format=torch.channels_last)
+                embedded = model.network.embed(batch)
+                if self._features is None:  # pages are touched only as slices are written
+                    dtype = torch.bfloat16 if model.uses_bf16 else torch.float32
+                    self._features = torch.empty((self.count, *embedded.shape[1:]), dtype=dtype)
+                self._features[chosen] = embedded.to("cpu", self._features.dtype)
+                self._done[chosen] = True
+                self.seconds += time.perf_counter() - start
+                if progress is not None:
+                    progress(self.computed, self.count, "computing features")
+            if self._done.all():
+                self._prepared = None
 
 
 class FeatureCache:
@@ -156,29 +226,12 @@ def _check_cancel(cancel: Callable[[], bool] | None) -> None:
 
 
 def compute_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float],
-                     modality: Modality | Literal["auto"] = "auto", batch_size: int = 8,
-                     progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
-                     stage: str = "computing features") -> VolumeFeatures:
-    """Run the backbone over (S, H, W) slices in batches (bf16 where the hardware has it)."""
-    start = time.perf_counter()
-    prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
-    total = prepared.shape[0]
-    features = None  # filled batch by batch: no second copy of the volume's features at the end
-    dtype = torch.bfloat16 if model.uses_bf16 else torch.float32
-    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
-                                                enabled=model.uses_bf16):
-        for first in range(0, total, batch_size):
-            _check_cancel(cancel)
-            batch = prepared[first:first + batch_size, None].to(model.device)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            embedded = model.network.embed(batch)
-            if features is None:
-                features = torch.empty((total, *embedded.shape[1:]), dtype=dtype)
-            features[first:first + len(embedded)] = embedded.to("cpu", dtype)
-            if progress is not None:
-                progress(min(first + batch_size, total), total, stage)
-    return VolumeFeatures(features, tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality,
-                          time.perf_counter() - start)
+                     modality: Modality | Literal["auto"] = "auto", progress: ProgressCallback | None = None,
+                     cancel: Callable[[], bool] | None = None) -> VolumeFeatures:
+    """Every slice of (S, H, W) slices embedded now (the engine embeds only the slices it visits)."""
+    feats = VolumeFeatures.of(model, slices, spacing_hw, modality)
+    feats.all(progress, cancel)
+    return feats
 
 
 # --------------------------------------------------------------------------- propagation
@@ -443,13 +496,14 @@ def slice_prototypes(model: Model, feats: VolumeFeatures, masks: dict[int, torch
     config = model.network.config
     out = {}
     for z, mask in masks.items():
-        fg, bg = support_prototypes(feats.features[z].float(), resize_mask(mask, feats.features.shape[-2:]),
+        features = feats.slices(z).float()
+        fg, bg = support_prototypes(features, resize_mask(mask, features.shape[-2:]),
                                     config.inference_window, config)
         out[z] = (unit_length(fg, 1), unit_length(bg, 1))
     return out
 
 
-Scorer = Callable[..., np.ndarray]  # (z, step=1) -> slice z's foreground probability on the model grid
+Scorer = Callable[..., np.ndarray]  # (z, step=1, until=None) -> slice z's foreground probability on the model grid
 
 
 class SliceScorer:
@@ -465,10 +519,11 @@ class SliceScorer:
     ahead = 8
 
     def __init__(self, model: Model, feats: VolumeFeatures, prototypes: dict[int, Prototypes],
-                 cancel: Callable[[], bool] | None = None) -> None:
+                 cancel: Callable[[], bool] | None = None, progress: ProgressCallback | None = None) -> None:
         self.config = model.network.config
         self.feats = feats
         self.cancel = cancel
+        self.progress = progress  # reports slices embedded as the walk asks for them
         self.painted = sorted(prototypes)
         self.prototypes = prototypes
         self._cache: dict[int, np.ndarray] = {}
@@ -478,17 +533,20 @@ class SliceScorer:
         above = [p for p in self.painted if p >= z]
         return tuple(sorted({*below[-1:], *above[:1]}))
 
-    def __call__(self, z: int, step: int = 1) -> np.ndarray:
+    def __call__(self, z: int, step: int = 1, until: int | None = None) -> np.ndarray:
+        """Slice z's probability; slices z + step, z + 2 step, ... (short of ``until``) are scored
+        with it, since the walk will ask for them next."""
         if z not in self._cache:
             _check_cancel(self.cancel)
             chosen = self.supports(z)
-            n = self.feats.features.shape[0]
-            batch = [s for s in range(z, z + step * self.ahead, step)
-                     if 0 <= s < n and s not in self._cache and self.supports(s) == chosen]
+            stop = z + step * self.ahead if until is None else until
+            stop = max(stop, z + step * self.ahead) if step < 0 else min(stop, z + step * self.ahead)
+            batch = [s for s in range(z, stop, step) or [z]
+                     if 0 <= s < self.feats.count and s not in self._cache and self.supports(s) == chosen]
             fg = torch.cat([self.prototypes[p][0] for p in chosen])
             bg = torch.cat([self.prototypes[p][1] for p in chosen])
             with torch.inference_mode():
-                query = unit_length(self.feats.features[batch], 1)
+                query = unit_length(self.feats.slices(batch, self.progress, self.cancel), 1)
                 logits = head_logits(query, fg, bg, self.config.scale, normalized=True)
                 # softmax over [bg, fg] is a sigmoid of the difference, which bilinear
                 # upsampling commutes with: upsample one channel instead of two.
@@ -507,14 +565,15 @@ class MirrorAveragedScorer:
         self.plain, self.mirrored = plain, mirrored
         self._cache: dict[int, np.ndarray] = {}
 
-    def __call__(self, z: int, step: int = 1) -> np.ndarray:
+    def __call__(self, z: int, step: int = 1, until: int | None = None) -> np.ndarray:
         if z not in self._cache:
-            self._cache[z] = 0.5 * (self.plain(z, step) + self.mirrored(z, step)[::-1])
+            self._cache[z] = 0.5 * (self.plain(z, step, until) + self.mirrored(z, step, until)[::-1])
         return self._cache[z]
 
 
 def make_scorer(model: Model, feats: VolumeFeatures, support: VolumeFeatures, masks: dict[int, torch.Tensor],
-                anchors: dict[int, int] | None = None, cancel: Callable[[], bool] | None = None) -> Scorer:
+                anchors: dict[int, int] | None = None, cancel: Callable[[], bool] | None = None,
+                progress: ProgressCallback | None = None) -> Scorer:
     """Score ``feats``' slices against the prototypes of ``support``'s slices under ``masks`` (grid
     masks by support slice), anchored at the slices ``anchors`` maps to them (default: the same
     slices). Averaged with the mirrored slices when both volumes carry them."""
@@ -522,7 +581,7 @@ def make_scorer(model: Model, feats: VolumeFeatures, support: VolumeFeatures, ma
 
     def scorer(query: VolumeFeatures, source: VolumeFeatures, grid: dict[int, torch.Tensor]) -> SliceScorer:
         prototypes = slice_prototypes(model, source, grid)
-        return SliceScorer(model, query, {z: prototypes[s] for z, s in anchors.items()}, cancel)
+        return SliceScorer(model, query, {z: prototypes[s] for z, s in anchors.items()}, cancel, progress)
 
     plain = scorer(feats, support, masks)
     if feats.mirrored is None or support.mirrored is None:
@@ -568,8 +627,9 @@ def _walk(prob: Scorer, n: int, painted: dict[int, np.ndarray],
           pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
     """Grow the structure slice by slice away from each painted slice until it ends.
 
-    ``prob(z, step)`` gives slice z's foreground probability (``step``: the walk's direction,
-    so scoring can run ahead); returns the kept region per slice.
+    ``prob(z, step, until)`` gives slice z's foreground probability (``step``: the walk's
+    direction, ``until``: where it ends at the latest, so scoring can run ahead but no further);
+    returns the kept region per slice.
     """
     region: dict[int, np.ndarray] = {}
     pixel_area = pixel_mm[0] * pixel_mm[1]
@@ -585,17 +645,17 @@ def _walk(prob: Scorer, n: int, painted: dict[int, np.ndarray],
             # Growth compares like with like: the network's prediction on the previous
             # slice (on the painted slice, its prediction there, not the painting), since
             # small or thin structures come out wider than painted at stride 8.
-            previous_area = _kept(prob(p, step), previous, options, pixel_mm).sum() * pixel_area
+            previous_area = _kept(prob(p, step, end), previous, options, pixel_mm).sum() * pixel_area
             previous_area = previous_area or previous.sum() * pixel_area
             z = p + step
             while z != end and 0 <= z < n:
-                kept = _kept(prob(z, step), previous, options, pixel_mm)
+                kept = _kept(prob(z, step, end), previous, options, pixel_mm)
                 area = kept.sum() * pixel_area
                 if area == 0 or area < options.min_area_mm2:
                     break
                 if area > options.max_growth * previous_area:
                     break
-                if prob(z, step)[kept].mean() < options.min_confidence:
+                if prob(z, step, end)[kept].mean() < options.min_confidence:
                     break
                 region[z] = region[z] | kept if z in region else kept
                 previous, previous_area = kept, area
@@ -686,25 +746,26 @@ def _check_axis_spacing(axis: int, spacing: tuple[float, float, float]) -> int:
 
 
 def _volume_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str,
-                     cache: FeatureCache | None, progress: ProgressCallback | None,
-                     cancel: Callable[[], bool] | None, mirrored: bool = False) -> tuple[VolumeFeatures, float]:
-    """Backbone features of (S, H, W) slices (and of the mirrored slices when ``mirrored``), from
-    the cache when it has them; returns them and the seconds spent computing (0: all reused)."""
+                     cache: FeatureCache | None, mirrored: bool = False) -> tuple[VolumeFeatures, float]:
+    """The features of (S, H, W) slices (and of the mirrored slices when ``mirrored``), from the
+    cache when it has them; slices are embedded only when first asked for. Returns them and the
+    seconds already spent on them (0 when new), so that a run can tell what it spent itself."""
     key = FeatureCache.key(model, slices, spacing_hw, modality) if cache is not None else None
     feats = cache.get(key) if cache is not None else None
-    seconds = 0.0
+    spent = _embedding_seconds(feats) if feats is not None else 0.0
     if feats is None:
-        feats = compute_features(model, slices, spacing_hw, modality, progress=progress, cancel=cancel)
-        seconds += feats.seconds
+        feats = VolumeFeatures.of(model, slices, spacing_hw, modality)
+        if cache is not None:
+            cache.put(key, feats)
     if mirrored and feats.mirrored is None:
         # The same modality as the plain slices: the mirror must not change how they are normalised.
-        mirror = compute_features(model, np.ascontiguousarray(slices[:, ::-1]), spacing_hw, feats.modality,
-                                  progress=progress, cancel=cancel, stage="computing mirrored features")
-        feats = replace(feats, mirrored=mirror)
-        seconds += mirror.seconds
-    if cache is not None and seconds > 0:
-        cache.put(key, feats)
-    return feats, seconds
+        feats.mirrored = VolumeFeatures.of(model, np.ascontiguousarray(slices[:, ::-1]), spacing_hw, feats.modality)
+    return feats, spent
+
+
+def _embedding_seconds(feats: VolumeFeatures) -> float:
+    """Backbone seconds spent on a volume so far, its mirrored slices included."""
+    return feats.seconds + (feats.mirrored.seconds if feats.mirrored is not None else 0.0)
 
 
 def _grid_masks(mask: np.ndarray, slices: list[int], feats: VolumeFeatures) -> dict[int, torch.Tensor]:
@@ -797,13 +858,11 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
     spacing_hw = view.spacing(tuple(float(s) for i, s in enumerate(spacing) if i != axis))
     painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
 
-    feats, seconds = _volume_features(model, slices, spacing_hw, modality, cache, progress, cancel,
-                                      options.mirror_average)
     start = time.perf_counter()
+    feats, spent = _volume_features(model, slices, spacing_hw, modality, cache, options.mirror_average)
     painted_by_slice = _grid_masks(paint, painted_slices, feats)
-    scorer = make_scorer(model, feats, feats, painted_by_slice, cancel=cancel)
-    if progress is not None:
-        progress(0, 1, "propagating")
+    # The backbone runs as the walk reaches slices: progress counts the slices embedded.
+    scorer = make_scorer(model, feats, feats, painted_by_slice, cancel=cancel, progress=progress)
     n_slices = paint.shape[0]
     pixel_mm = _pixel_mm(spacing_hw, feats)
     limits = (painted_slices[0], painted_slices[-1]) if options.between_painted_only else (0, n_slices - 1)
@@ -814,10 +873,11 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
     out, confidence = _render(scorer, region, feats, threshold, n_slices)
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
     if progress is not None:
-        progress(1, 1, "propagating")
+        progress(feats.count, feats.count, "computing features")  # the walk has ended: nothing more to embed
+    seconds = _embedding_seconds(feats) - spent
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
-                             seconds_features=seconds, seconds_head=time.perf_counter() - start,
+                             seconds_features=seconds, seconds_head=time.perf_counter() - start - seconds,
                              reused_features=seconds == 0, axis=axis)
 
 
@@ -907,7 +967,7 @@ def _body_frame(feats: VolumeFeatures) -> tuple[np.ndarray, np.ndarray]:
     Positions relative to it compare patients of different size and field of view; the body is
     what stands out from the darkest background in the network's own input features' norm.
     """
-    energy = feats.features.float().norm(dim=1).mean(dim=0).numpy()  # (h, w)
+    energy = feats.all().float().norm(dim=1).mean(dim=0).numpy()  # (h, w)
     low, high = np.percentile(energy, [5, 95])
     inside = energy > low + 0.25 * (high - low)
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
@@ -973,10 +1033,13 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     areas = support.reshape(len(support), -1).sum(axis=1)
     reference = int(np.argmax(areas))
 
-    s_feats, _ = _volume_features(model, support_slices, support_hw, modality, cache, progress, cancel,
-                                  options.mirror_average)
-    q_feats, seconds = _volume_features(model, query, query_hw, modality, cache, progress, cancel,
-                                        options.mirror_average)
+    s_feats, _ = _volume_features(model, support_slices, support_hw, modality, cache, options.mirror_average)
+    q_feats, spent = _volume_features(model, query, query_hw, modality, cache, options.mirror_average)
+    # Every slice of both is needed: the body's box over the whole volume, every query slice scored.
+    for feats in (s_feats, q_feats, s_feats.mirrored, q_feats.mirrored):
+        if feats is not None:
+            feats.all(progress, cancel)
+    seconds = _embedding_seconds(q_feats) - spent
     start = time.perf_counter()
     if progress is not None:
         progress(0, 1, "finding the structure")
@@ -1034,7 +1097,8 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
         progress(1, 1, "finding the structure")
     return PropagationResult(mask=np.moveaxis(query_view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=[], seconds_features=seconds,
-                             seconds_head=time.perf_counter() - start, reused_features=seconds == 0, found_at=found_at,
+                             seconds_head=time.perf_counter() - start, reused_features=seconds == 0,
+                             found_at=found_at,
                              axis=axis)
 
 

@@ -261,7 +261,9 @@ class OneShotWidget(Container):
         confidence = np.max([r.confidence if r.axis == axis else confidence_along([r], r.mask, axis)
                              for r in results.values()], axis=0)
         result = replace(results[labels[0]], confidence=confidence,
-                         seconds_head=sum(r.seconds_head for r in results.values()))
+                         seconds_features=sum(r.seconds_features for r in results.values()),
+                         seconds_head=sum(r.seconds_head for r in results.values()),
+                         reused_features=all(r.reused_features for r in results.values()))
         values, result.confidence = request.to_display(values, result.confidence)
         result.mask = values != 0
         on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))

@@ -236,8 +236,8 @@ def test_a_two_plane_support_is_embedded_once_per_plane_for_a_whole_folder(folde
     painted[:, y] |= truth[:, y]
     support = Support(Scan(ct_phantom.image, ct_phantom.affine, None, None), painted, None)
     passes = []
-    real = engine.compute_features
-    monkeypatch.setattr(engine, "compute_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = engine.VolumeFeatures.of
+    monkeypatch.setattr(engine.VolumeFeatures, "of", lambda *a, **k: passes.append(1) or real(*a, **k))
     scans = list_scans(root / "scans", "[ab].nii.gz")
     rows = segment_folder(support, scans, tmp_path / "out", default_model)
     assert [r.status for r in rows] == ["done", "done"] and len(passes) == 2 + 2 * len(scans)

@@ -11,8 +11,10 @@ from napari_densemp.engine import (
     Cancelled,
     FeatureCache,
     PropagationOptions,
+    SliceScorer,
     _calibrated_threshold,
     _walk,
+    compute_features,
     painted_planes,
     painting_axis,
     parse_rules,
@@ -36,7 +38,7 @@ def _disc(shape, centre, radius):
 def _run_walk(prob: np.ndarray, seeds: dict, limits: tuple, options: PropagationOptions) -> np.ndarray:
     """The walk on a stack of hand-made probabilities, as a boolean volume."""
     out = np.zeros(prob.shape, dtype=bool)
-    for z, kept in _walk(lambda z, step: prob[z], len(prob), seeds, limits, options, PIXEL).items():
+    for z, kept in _walk(lambda z, step, until: prob[z], len(prob), seeds, limits, options, PIXEL).items():
         out[z] = kept
     return out
 
@@ -107,16 +109,20 @@ def test_phantom_propagation_dice(ct_phantom, default_model, organ, minimum):
     assert result.confidence[z] > 0.8 and result.confidence[true_z[-1] + 6:].max(initial=0) == 0
 
 
-def test_every_painted_structure_is_propagated_in_one_run(ct_phantom, default_model):
+def test_every_painted_structure_is_propagated_in_one_run(ct_phantom, default_model, monkeypatch):
     """Liver, spleen and right kidney painted on their own largest slices: one label volume,
-    each structure as good as when propagated alone, the painting kept, the backbone run once."""
+    each structure as good as when propagated alone, the painting kept, no slice embedded twice."""
     painted = np.zeros(ct_phantom.label.shape, np.uint8)
     for organ in (LIVER, SPLEEN, RIGHT_KIDNEY):
         painted = np.maximum(painted, paint_largest(ct_phantom.label, organ)[0] * np.uint8(organ))
-    out, results = propagate_labels(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing)
+    embedded = []
+    original = default_model.network.embed
+    monkeypatch.setattr(default_model.network, "embed", lambda x: embedded.append(len(x)) or original(x))
+    out, _ = propagate_labels(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing)
+    monkeypatch.undo()
     assert out.shape == painted.shape and set(np.unique(out)) == {0, LIVER, SPLEEN, RIGHT_KIDNEY}
     np.testing.assert_array_equal(out[painted != 0], painted[painted != 0])
-    assert sum(r.reused_features for r in results.values()) == 2
+    assert sum(embedded) <= ct_phantom.image.shape[2]
     for organ in (LIVER, SPLEEN, RIGHT_KIDNEY):
         truth = ct_phantom.label == organ
         alone = propagate(ct_phantom.image, paint_largest(ct_phantom.label, organ)[0], default_model,
@@ -289,6 +295,29 @@ def test_a_scan_stored_another_way_gets_the_same_mask(ct_phantom, default_model)
     assert dice(stored.mask, ct_phantom.label == RIGHT_KIDNEY) >= 0.70
 
 
+def test_only_the_slices_the_walk_reaches_are_embedded(ct_phantom, default_model, monkeypatch):
+    """A kidney walk embeds its own slices and a batch beyond each end, not the whole volume,
+    and gives exactly the mask of a run whose every slice was embedded beforehand."""
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    truth_z = np.flatnonzero((ct_phantom.label == RIGHT_KIDNEY).any(axis=(0, 1)))
+    embedded = []
+    original = default_model.network.embed
+    monkeypatch.setattr(default_model.network, "embed", lambda x: embedded.append(len(x)) or original(x))
+    lazy = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing)
+    monkeypatch.undo()
+    n = ct_phantom.image.shape[2]
+    assert len(truth_z) + 2 * SliceScorer.ahead < n
+    assert sum(embedded) <= len(truth_z) + 2 * SliceScorer.ahead + 2
+    cache = FeatureCache()
+    slices = np.moveaxis(ct_phantom.image, 2, 0)
+    key = FeatureCache.key(default_model, slices, ct_phantom.spacing[:2], "auto")
+    cache.put(key, compute_features(default_model, slices, ct_phantom.spacing[:2]))
+    eager = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, cache=cache)
+    assert eager.reused_features and not lazy.reused_features
+    np.testing.assert_array_equal(lazy.mask, eager.mask)
+    np.testing.assert_allclose(lazy.confidence, eager.confidence, atol=1e-6)
+
+
 def test_cancel_stops_a_run(ct_phantom, default_model):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     seen = []
@@ -458,7 +487,7 @@ def _synthetic_scorer(organ_slices: range):
     organ = torch.from_numpy(_disc((size, size), (8, 8), 4))
     for z in organ_slices:
         features[z, :, organ] = torch.tensor([1.0, 0.0, 0.1, 0.0])[:, None]
-    feats = VolumeFeatures(features.to(torch.bfloat16), (64, 64), (64, 64), "ct", 0.0)
+    feats = VolumeFeatures.precomputed(features.to(torch.bfloat16), (64, 64), (64, 64), "ct")
     network = FewShotSegmenter(NetworkConfig(depth=18, last_layer=3, feature_dim=4))
     model = Model(network, PreprocessingProfile(), torch.device("cpu"), "synthetic")
     painted = torch.from_numpy(_disc((64, 64), (33, 33), 16).astype(np.float32))
