@@ -95,8 +95,8 @@ def speed(args: argparse.Namespace, model: Model | None = None) -> None:
     print(f"  re-run (cached)     {rerun:6.2f} s")
 
 
-def memory_child(model_source: str, device: str, rules: list[str], two_planes: bool = False) -> None:
-    image, painted, spacing = phantom_volume((512, 512, 300), coronal=two_planes)
+def memory_child(model_source: str, device: str, rules: list[str], two_planes: bool, organ: str) -> None:
+    image, painted, spacing = phantom_volume((512, 512, 300), coronal=two_planes, organ=ORGANS[organ])
     model = load_model(model_source, device)
     options = model.default_options(**parse_rules(rules))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -124,7 +124,7 @@ def main() -> int:
                         help="time backbone candidates instead (e.g. 18:3 18:4 34:3 50:3)")
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.model, args.device, args.rule, args.two_planes)
+        memory_child(args.model, args.device, args.rule, args.two_planes, args.organ)
         return 0
     if args.backbones:
         for item in args.backbones:
@@ -134,7 +134,7 @@ def main() -> int:
     speed(args)
     if args.memory:
         out = subprocess.run([sys.executable, __file__, "--memory-child", "--model", args.model,
-                              "--device", args.device, "--rule", *args.rule,
+                              "--device", args.device, "--organ", args.organ, "--rule", *args.rule,
                               *(["--two-planes"] if args.two_planes else [])],
                              check=True, capture_output=True, text=True)
         figures = json.loads(out.stdout.strip().splitlines()[-1])

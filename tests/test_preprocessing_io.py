@@ -16,6 +16,7 @@ from napari_densemp.preprocessing import (
     prepare_volume,
     resize_slices,
     window_intensities,
+    zscore,
 )
 
 
@@ -54,6 +55,14 @@ def test_prepare_volume_is_zscored_on_model_grid(ct_phantom):
     expected = model_grid_size(slices.shape[1:], ct_phantom.spacing[:2], PreprocessingProfile())
     assert tuple(prepared.shape) == (slices.shape[0], *expected)
     assert abs(float(prepared.mean())) < 0.05 and abs(float(prepared.std()) - 1) < 0.05
+
+
+def test_zscore_gives_numpys_float64_figures_slice_block_by_block():
+    volume = np.random.default_rng(0).normal(40.0, 7.0, (21, 9, 11)).astype(np.float32)
+    expected = (volume - volume.mean(dtype=np.float64)) / volume.std(dtype=np.float64)
+    out = zscore(volume.copy())
+    np.testing.assert_allclose(out, expected.astype(np.float32), rtol=0, atol=1e-6)
+    assert abs(float(out.mean(dtype=np.float64))) < 1e-6 and abs(float(out.std(dtype=np.float64)) - 1) < 1e-6
 
 
 def test_nearest_resize_keeps_label_values():
