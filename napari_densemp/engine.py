@@ -745,7 +745,7 @@ def _check_axis_spacing(axis: int, spacing: tuple[float, float, float]) -> int:
     return axis % 3
 
 
-def _volume_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str,
+def volume_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str,
                      cache: FeatureCache | None, mirrored: bool = False) -> tuple[VolumeFeatures, float]:
     """The features of (S, H, W) slices (and of the mirrored slices when ``mirrored``), from the
     cache when it has them; slices are embedded only when first asked for. Returns them and the
@@ -859,7 +859,7 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
     painted_slices = [int(z) for z in np.flatnonzero(paint.reshape(len(paint), -1).any(axis=1))]
 
     start = time.perf_counter()
-    feats, spent = _volume_features(model, slices, spacing_hw, modality, cache, options.mirror_average)
+    feats, spent = volume_features(model, slices, spacing_hw, modality, cache, options.mirror_average)
     painted_by_slice = _grid_masks(paint, painted_slices, feats)
     # The backbone runs as the walk reaches slices: progress counts the slices embedded.
     scorer = make_scorer(model, feats, feats, painted_by_slice, cancel=cancel, progress=progress)
@@ -1033,8 +1033,8 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     areas = support.reshape(len(support), -1).sum(axis=1)
     reference = int(np.argmax(areas))
 
-    s_feats, _ = _volume_features(model, support_slices, support_hw, modality, cache, options.mirror_average)
-    q_feats, spent = _volume_features(model, query, query_hw, modality, cache, options.mirror_average)
+    s_feats, _ = volume_features(model, support_slices, support_hw, modality, cache, options.mirror_average)
+    q_feats, spent = volume_features(model, query, query_hw, modality, cache, options.mirror_average)
     # Every slice of both is needed: the body's box over the whole volume, every query slice scored.
     for feats in (s_feats, q_feats, s_feats.mirrored, q_feats.mirrored):
         if feats is not None:

@@ -18,20 +18,10 @@ from napari_densemp.engine import (
     Model,
     SliceScorer,
     chunk_centres,
-    compute_features,
     slice_prototypes,
+    volume_features,
 )
 from napari_densemp.preprocessing import resize_slices
-
-
-def _features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], cache: FeatureCache | None):
-    key = FeatureCache.key(model, slices, spacing_hw, "auto")
-    feats = cache.get(key) if cache is not None else None
-    if feats is None:
-        feats = compute_features(model, slices, spacing_hw)
-        if cache is not None:
-            cache.put(key, feats)
-    return feats
 
 
 def paper_protocol_mask(model: Model, support_volume: np.ndarray, support_label: np.ndarray,
@@ -51,8 +41,9 @@ def paper_protocol_mask(model: Model, support_volume: np.ndarray, support_label:
     truth = q_view.show(np.moveaxis(np.asarray(query_label, dtype=bool), axis, 0))
     s_hw = s_view.spacing(tuple(float(s) for i, s in enumerate(support_spacing) if i != axis))
     q_hw = q_view.spacing(tuple(float(s) for i, s in enumerate(query_spacing) if i != axis))
-    s_feats = _features(model, s_view.show(np.moveaxis(support_volume, axis, 0)), s_hw, cache)
-    q_feats = _features(model, q_view.show(np.moveaxis(query_volume, axis, 0)), q_hw, cache)
+    # Embedded as scored: the support's 3 slices and the query's true extent only.
+    s_feats, _ = volume_features(model, s_view.show(np.moveaxis(support_volume, axis, 0)), s_hw, "auto", cache)
+    q_feats, _ = volume_features(model, q_view.show(np.moveaxis(query_volume, axis, 0)), q_hw, "auto", cache)
 
     organ_slices = [int(z) for z in np.flatnonzero(support.reshape(len(support), -1).any(axis=1))]
     extent = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
