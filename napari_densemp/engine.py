@@ -539,10 +539,10 @@ class SliceScorer:
         if z not in self._cache:
             _check_cancel(self.cancel)
             chosen = self.supports(z)
-            stop = z + step * self.ahead if until is None else until
-            stop = max(stop, z + step * self.ahead) if step < 0 else min(stop, z + step * self.ahead)
-            batch = [s for s in range(z, stop, step) or [z]
-                     if 0 <= s < self.feats.count and s not in self._cache and self.supports(s) == chosen]
+            reach = z + step * self.ahead
+            stop = reach if until is None else (max if step < 0 else min)(until, reach)
+            batch = [z] + [s for s in range(z + step, stop, step)
+                           if 0 <= s < self.feats.count and s not in self._cache and self.supports(s) == chosen]
             fg = torch.cat([self.prototypes[p][0] for p in chosen])
             bg = torch.cat([self.prototypes[p][1] for p in chosen])
             with torch.inference_mode():
@@ -872,9 +872,9 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
         else options.threshold
     out, confidence = _render(scorer, region, feats, threshold, n_slices)
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
-    if progress is not None:
-        progress(feats.count, feats.count, "computing features")  # the walk has ended: nothing more to embed
     seconds = _embedding_seconds(feats) - spent
+    if progress is not None and seconds > 0:
+        progress(feats.count, feats.count, "computing features")  # the walk has ended: nothing more to embed
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=seconds, seconds_head=time.perf_counter() - start - seconds,
