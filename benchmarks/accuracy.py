@@ -139,7 +139,7 @@ def resliced(volume: np.ndarray, label: np.ndarray, affine: np.ndarray, slice_mm
         above = np.minimum(below + 1, scan.shape[0] - 1)
         w = (centres - below)[:, None, None]
         new = (1 - w) * scan[below] + w * scan[above]
-    nearest = np.minimum(np.rint(centres).astype(int), label.shape[axis] - 1)
+    nearest = np.minimum(np.floor(centres + 0.5).astype(int), label.shape[axis] - 1)  # halfway: the next
     moved = np.moveaxis(np.stack(new), 0, axis), np.take(label, nearest, axis=axis)
     scale = np.eye(4)
     scale[axis, axis] = f

@@ -46,3 +46,25 @@ def test_bundled_model_finds_the_brain_of_real_mri_it_never_saw(capsys):
     assert set(rows) == {"brain", "grey", "white", "mean"}
     propagated, copy_all, copy_z = rows["brain"]
     assert propagated > 85 and propagated > copy_z + 10 and copy_z > copy_all
+
+
+@pytest.mark.parametrize("slice_mm", [0.625, 1.25, 5.0, 7.5])
+def test_reslicing_keeps_every_slice_at_its_world_position(slice_mm):
+    """accuracy.py --slice-mm: a scan whose value is its world z (2.5 mm slices, axial axis
+    stored second) keeps that value at each new slice's world z; the label follows it."""
+    import accuracy
+
+    affine = np.array([[0, 0, -1.5, 10], [1.2, 0, 0, 5], [0, 2.5, 0, -40], [0, 0, 0, 1]], dtype=float)
+    shape = (6, 20, 7)
+    z_world = (affine @ np.stack([np.zeros(20), np.arange(20), np.zeros(20), np.ones(20)]))[2]
+    volume = np.broadcast_to(z_world[None, :, None], shape).astype(np.float32)
+    label = np.broadcast_to((z_world > -20)[None, :, None], shape).astype(np.uint8)
+    new_volume, new_label, new_affine = accuracy.resliced(volume, label, affine, slice_mm)
+    n = new_volume.shape[1]
+    assert new_volume.shape == new_label.shape == (6, 1 + int(19 * 2.5 // slice_mm), 7)
+    assert np.allclose(np.linalg.norm(new_affine[:3, :3], axis=0), [1.2, slice_mm, 1.5])
+    new_z = (new_affine @ np.stack([np.zeros(n), np.arange(n), np.zeros(n), np.ones(n)]))[2]
+    inside = slice(1, -1) if slice_mm > 2.5 else slice(None)  # a slab cut by the scan's end is not centred
+    assert np.allclose(new_volume[0, inside, 0], new_z[inside], atol=1e-4)
+    nearest = np.floor((new_z - z_world[0]) / 2.5 + 0.5 + 1e-9).astype(int)  # halfway (8.5): the next
+    assert (new_label[0, :, 0] == label[0, nearest, 0]).all() and 0 < new_label.mean() < 1
