@@ -4,10 +4,12 @@ same model (3 supports, query scored on its true z-range only).
 
     python benchmarks/cross_patient.py --data ../shared/data/chaos_t2 --organs 1 2 3 4 --split held-out
     python benchmarks/cross_patient.py --phantoms 4
+    python benchmarks/cross_patient.py --data ../shared/data/openkbp_hn_ct --organs 1 3 4 7 --slice-mm 1.25
 
 Columns: "1 slice" = support painted on its slice of largest organ area (what a user paints;
 ``--plane axial+coronal``: on its largest slice of each plane); "3D" = the support's whole label
-(segment_like pairs its 3 chunks); "paper" = the protocol.
+(segment_like pairs its 3 chunks); "paper" = the protocol. ``--slice-mm`` re-slices support and
+query along their axial axis first (see accuracy.py); "s" = seconds of the 1-slice search.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 
 import numpy as np
-from accuracy import dice, paint_largest_slice, select_scans
+from accuracy import dice, paint_largest_slice, resliced, select_scans
 
 from napari_densemp.engine import (
     FeatureCache,
@@ -27,13 +29,23 @@ from napari_densemp.engine import (
     plane_axis,
     segment_like,
 )
-from src_data.datasets import ScanRecord, find_scans, load_scan
+from src_data.datasets import LoadedScan, ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES
 from training.protocol import paper_protocol_mask
 
 
+def load_resliced(record: ScanRecord, slice_mm: float | None) -> LoadedScan:
+    """The scan and its label, re-sliced to ``slice_mm`` thick axial slices when given."""
+    scan = load_scan(record)
+    if not slice_mm:
+        return scan
+    volume, label, affine = resliced(scan.volume, scan.label, scan.affine, slice_mm)
+    return LoadedScan(volume, label, affine, tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)))
+
+
 def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationOptions,
-                         organs: list[int] | None = None, three_d: bool = True, planes: str = "axial"):
+                         organs: list[int] | None = None, three_d: bool = True, planes: str = "axial",
+                         slice_mm: float | None = None):
     """Per query and organ: (query, support, organ, Dice with one painted slice, Dice with the 3D
     support (NaN when skipped), paper-protocol Dice, range found, true range, seconds). The
     support is the next scan in id order among all scans of the query's folder (circular); it is
@@ -42,7 +54,7 @@ def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationO
     cache = FeatureCache(max_volumes=4)  # support and query, across two planes
     for record in queries:
         support_record = everyone[(everyone.index(record) + 1) % len(everyone)]
-        query, support = load_scan(record), load_scan(support_record)
+        query, support = load_resliced(record, slice_mm), load_resliced(support_record, slice_mm)
         for organ in organs or [int(v) for v in np.unique(query.label) if v]:
             truth, support_truth = query.label == organ, support.label == organ
             if not truth.any() or not support_truth.any():
@@ -79,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plane", default="axial", choices=["axial", "axial+coronal"],
                         help="paint the support's largest slice of each plane (the 1-slice column)")
     parser.add_argument("--skip-3d", action="store_true", help="only the 1-slice support and the paper protocol")
+    parser.add_argument("--slice-mm", type=float,
+                        help="re-slice every scan along its axial axis to this thickness (mm) first")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -86,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     options = model.default_options(**parse_rules(args.rule))
     queries = select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans)
     names = ORGAN_NAMES if args.phantoms else {}
-    print(f"model {model.name}; options {options}")
+    print(f"model {model.name}; slices {args.slice_mm or 'stored'} mm; options {options}")
     print(f"{'query':<16}{'support':<16}{'organ':>6}{'1 slice':>9}{'3D':>7}{'paper':>7}{'found':>10}"
           f"{'truth':>10}{'s':>6}")
     rows = []
     for row in cross_patient_scores(queries, model, options, args.organs, three_d=not args.skip_3d,
-                                   planes=args.plane):
+                                   planes=args.plane, slice_mm=args.slice_mm):
         query_name, support_name, organ, one, full, paper, found, true_range, seconds = row
         rows.append((organ, one, full, paper))
         print(f"{query_name:<16}{support_name:<16}{organ:>6}{100 * one:>9.1f}{100 * full:>7.1f}"
