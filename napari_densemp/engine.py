@@ -255,6 +255,9 @@ class PropagationOptions:
     inplane_prior: float = 0.15  # the same in-plane, relative to the body's box; 0: off
     cross_min_confidence: float = 0.75  # min_confidence for another patient (its matches are less sure)
     seed_candidates: int = 5  # query slices tried as seeds; the walk with most confident mass wins
+    # Query slices scored to find the structure are at most this far apart (every slice of a scan
+    # thicker than this); the walks then embed the slices they reach. 0: every slice.
+    search_step_mm: float = 5.0
     support_chunks: int = 3  # supports taken from a 3D support mask (the paper uses 3)
     calibrate_threshold: bool = True  # output threshold: the one that best redraws the painting on its slice
     # Also score the slices mirrored along their first in-plane axis (left-right on axial and coronal
@@ -961,13 +964,14 @@ def _best_component(prob: np.ndarray, threshold: float, target_mm2: float, pixel
     return float(scores[best]), components == best + 1
 
 
-def _body_frame(feats: VolumeFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """(origin, size) of the box around the body on the model grid, over the whole volume.
+def _body_frame(feats: VolumeFeatures, slices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(origin, size) of the box around the body on the model grid, over the given slices (spread
+    through the volume).
 
     Positions relative to it compare patients of different size and field of view; the body is
     what stands out from the darkest background in the network's own input features' norm.
     """
-    energy = feats.all().float().norm(dim=1).mean(dim=0).numpy()  # (h, w)
+    energy = feats.slices(slices).float().norm(dim=1).mean(dim=0).numpy()  # (h, w)
     low, high = np.percentile(energy, [5, 95])
     inside = energy > low + 0.25 * (high - low)
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
@@ -977,6 +981,14 @@ def _body_frame(feats: VolumeFeatures) -> tuple[np.ndarray, np.ndarray]:
     origin = np.array([rows[0], cols[0]]) * scale
     size = np.array([rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1]) * scale
     return origin, size
+
+
+def search_slices(count: int, thickness_mm: float, step_mm: float) -> list[int]:
+    """Slices at most ``step_mm`` apart through a volume of ``count`` slices, ``thickness_mm``
+    apart (every slice when ``step_mm`` is 0 or no more than the thickness), the last included."""
+    step = max(1, int(step_mm // thickness_mm)) if step_mm > 0 and thickness_mm > 0 else 1
+    chosen = list(range(0, count, step))
+    return chosen if chosen[-1] == count - 1 else [*chosen, count - 1]
 
 
 def chunk_centres(slices: list[int], chunks: int) -> list[int]:
@@ -995,9 +1007,10 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
                  query_affine: np.ndarray | None = None) -> PropagationResult:
     """Segment in ``query_volume`` the structure masked in ``support_volume`` (another patient).
 
-    Nothing tells where the structure lies in the query: every query slice is scored against
-    the support's prototypes, the slice whose best region is most confident and most like
-    the support in area (weighted by a prior on the support's relative position along the
+    Nothing tells where the structure lies in the query: query slices at most
+    ``options.search_step_mm`` apart (every slice of a thicker scan) are scored against the
+    support's prototypes, the slice whose best region is most confident and most like the
+    support in area (weighted by a prior on the support's relative position along the
     axis, ``options.position_prior``) seeds the same walk as :func:`propagate`. A support mask
     on several slices (a finished 3D mask) then supplies ``options.support_chunks`` supports,
     the centres of equal parts of the structure, each anchored at the matching part of the
@@ -1033,14 +1046,18 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     areas = support.reshape(len(support), -1).sum(axis=1)
     reference = int(np.argmax(areas))
 
-    s_feats, _ = volume_features(model, support_slices, support_hw, modality, cache, options.mirror_average)
-    q_feats, spent = volume_features(model, query, query_hw, modality, cache, options.mirror_average)
-    # Every slice of both is needed: the body's box over the whole volume, every query slice scored.
-    for feats in (s_feats, q_feats, s_feats.mirrored, q_feats.mirrored):
-        if feats is not None:
-            feats.all(progress, cancel)
-    seconds = _embedding_seconds(q_feats) - spent
     start = time.perf_counter()
+    s_feats, s_spent = volume_features(model, support_slices, support_hw, modality, cache, options.mirror_average)
+    q_feats, q_spent = volume_features(model, query, query_hw, modality, cache, options.mirror_average)
+    # Searched: slices a few mm apart through the query (the body's box and the scores), and through
+    # the support (its body's box); the walks embed the slices they reach as they reach them.
+    n = query.shape[0]
+    q_searched = search_slices(n, float(query_spacing[axis]), options.search_step_mm)
+    s_searched = search_slices(len(support), float(support_spacing[axis]), options.search_step_mm)
+    for feats, searched in ((s_feats, s_searched), (q_feats, q_searched)):
+        for volume_feats in (feats, feats.mirrored):
+            if volume_feats is not None:
+                volume_feats.slices(searched, progress, cancel)
     if progress is not None:
         progress(0, 1, "finding the structure")
     s_masks = _grid_masks(support, painted, s_feats)
@@ -1051,17 +1068,17 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     own = make_scorer(model, s_feats, s_feats, reference_mask, cancel=cancel)
     threshold = _calibrated_threshold(own, {reference: _seed(s_masks[reference])}, options, s_pixel) \
         if options.calibrate_threshold else options.threshold
-    # Pass 1: where is it? Score every query slice against the reference support slice.
-    n = query.shape[0]
-    scorer = make_scorer(model, q_feats, s_feats, reference_mask, {0: reference}, cancel)
+    # Pass 1: where is it? Score the searched query slices against the reference support slice.
+    scorer = make_scorer(model, q_feats, s_feats, reference_mask, {0: reference}, cancel, progress)
     target_mm2 = float(areas[reference]) * support_hw[0] * support_hw[1]
     q_area = q_pixel[0] * q_pixel[1]
     scores, regions = np.zeros(n), {}
-    s_frame, q_frame = _body_frame(s_feats), _body_frame(q_feats)
+    s_frame, q_frame = _body_frame(s_feats, s_searched), _body_frame(q_feats, q_searched)
     s_centre = (np.array(ndimage.center_of_mass(_seed(s_masks[reference]))) - s_frame[0]) / s_frame[1]
-    for z in range(n):
-        scores[z], regions[z] = _best_component(scorer(z), options.threshold, target_mm2, q_area, s_centre,
-                                                q_frame, options.inplane_prior)
+    stride = q_searched[1] - q_searched[0] if len(q_searched) > 1 else 1
+    for z in q_searched:  # scored ahead along the searched slices only
+        scores[z], regions[z] = _best_component(scorer(z, stride, n), options.threshold, target_mm2, q_area,
+                                                s_centre, q_frame, options.inplane_prior)
     if options.position_prior > 0:
         relative = (reference + 0.5) / len(support)
         positions = (np.arange(n) + 0.5) / n
@@ -1088,16 +1105,19 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
             query_centres = chunk_centres(list(range(extent[0], extent[-1] + 1)), chunks)
             if len(support_centres) == len(query_centres):
                 scorer = make_scorer(model, q_feats, s_feats, {s: s_masks[s] for s in support_centres},
-                                     dict(zip(query_centres, support_centres)), cancel)
+                                     dict(zip(query_centres, support_centres)), cancel, progress)
                 seeds = {q: region[q] for q in query_centres}
                 region = _walk(scorer, n, seeds, (0, n - 1), walk_options, q_pixel)
                 found_at = query_centres
         out, confidence = _render(scorer, region, q_feats, threshold, n)
     if progress is not None:
         progress(1, 1, "finding the structure")
+    seconds = _embedding_seconds(q_feats) - q_spent  # both scans' backbone time in this call
+    if s_feats is not q_feats:
+        seconds += _embedding_seconds(s_feats) - s_spent
     return PropagationResult(mask=np.moveaxis(query_view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=[], seconds_features=seconds,
-                             seconds_head=time.perf_counter() - start, reused_features=seconds == 0,
+                             seconds_head=time.perf_counter() - start - seconds, reused_features=seconds == 0,
                              found_at=found_at,
                              axis=axis)
 
