@@ -9,6 +9,7 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --view transpose
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --plane coronal
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --slice-mm 1.25
+    python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --as-stored --modality ct
 
 ``--plane coronal`` (or sagittal) paints and walks that plane's slices instead of the axial ones,
 as a user painting on a coronal view does; ``--plane axial+coronal`` paints the largest slice of
@@ -81,7 +82,8 @@ def copy_baselines(truth: np.ndarray, z: int, axis: int = 2) -> tuple[float, flo
 
 
 def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, model, options: PropagationOptions,
-                    cache: FeatureCache, plane: str = "axial") -> tuple[float, float, float, str, str, float]:
+                    cache: FeatureCache, plane: str = "axial",
+                    modality: str = "auto") -> tuple[float, float, float, str, str, float]:
     """Paint ``truth``'s ``plane`` slice of largest area, propagate across that plane, and score
     the whole volume: (Dice, copy-all Dice, copy-z Dice, range found, true range, seconds).
     Planes joined by "+" (axial+coronal) paint the largest slice of each, as one painting."""
@@ -93,7 +95,7 @@ def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, m
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     start = time.perf_counter()
     result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=axis, options=options,
-                       cache=cache, affine=affine)
+                       cache=cache, affine=affine, modality=modality)
     seconds = time.perf_counter() - start
     zs = np.flatnonzero(truth.any(axis=tuple(a for a in range(3) if a != axis)))
     all_copy, z_copy = copy_baselines(truth, z, axis)
@@ -148,23 +150,26 @@ def resliced(volume: np.ndarray, label: np.ndarray, affine: np.ndarray, slice_mm
 
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
                      organs: list[int] | None = None, view: str = "stored", plane: str = "axial",
-                     slice_mm: float | None = None):
+                     slice_mm: float | None = None, as_stored: bool = False, modality: str = "auto"):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
     range, seconds), painting the organ's ``plane`` slice of largest area and scoring the whole
-    volume, with the scans stored as ``view`` says (see VIEWS)."""
+    volume, with the scans stored as ``view`` says (see VIEWS). ``as_stored`` gives the engine
+    the intensities as the files hold them (OpenKBP: HU + 1024), as ``densemp-segment`` reads them."""
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
             print(f"{record.name}: no label file, skipped", file=sys.stderr)
             continue
-        volume, label, affine = stored_as(view, scan.volume, scan.label, scan.affine)
+        volume = scan.volume + np.float32(record.hu_offset) if as_stored else scan.volume
+        volume, label, affine = stored_as(view, volume, scan.label, scan.affine)
         if slice_mm:
             volume, label, affine = resliced(volume, label, affine, slice_mm)
         cache = FeatureCache(max_volumes=2)  # two planes painted: each axis once
         for organ in organs or [int(v) for v in np.unique(label) if v]:
             truth = label == organ
             if truth.any():
-                yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache, plane))
+                yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache, plane,
+                                                            modality))
 
 
 def mni152_scores(model, options: PropagationOptions, plane: str = "axial"):
@@ -200,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the largest slice of each of two planes")
     parser.add_argument("--slice-mm", type=float,
                         help="re-slice every scan along its axial axis to this thickness (mm) first")
+    parser.add_argument("--as-stored", action="store_true",
+                        help="intensities as the files store them (OpenKBP: HU + 1024), not converted to HU")
+    parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"],
+                        help="as densemp-segment --modality")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -212,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         scores = mni152_scores(model, options, args.plane)
     else:
         scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans),
-                                  model, options, args.organs, args.view, args.plane, args.slice_mm)
+                                  model, options, args.organs, args.view, args.plane, args.slice_mm, args.as_stored,
+                                  args.modality)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
           f"plane {args.plane}; slices {args.slice_mm or 'stored'} mm; "
+          f"intensities {'as stored' if args.as_stored else 'in HU'}, modality {args.modality}; "
           f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []

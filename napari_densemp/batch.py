@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -31,9 +32,10 @@ from .engine import (
 )
 from .errors import DenseMPError
 from .io import Scan, as_3d, is_nifti, read_scan, write_nifti
+from .preprocessing import Modality
 
 SUMMARY_FIELDS = ["scan", "structure", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
-                  "volume_ml", "output", "message"]
+                  "volume_ml", "read_as", "output", "message"]
 
 
 @dataclass
@@ -77,6 +79,7 @@ class BatchRow:
     slices: int = 0
     mean_confidence: float = 0.0
     volume_ml: float = 0.0
+    read_as: str = ""  # how the scan's intensities were read: "CT", "CT stored as HU + 1024", "MRI"
     output: str = ""
     message: str = ""
 
@@ -125,12 +128,13 @@ def _to_orientation(data: np.ndarray, affine: np.ndarray, target: np.ndarray):
 
 def segment_scan(support: Support, query: Scan, model: Model, axis: int = 2,
                  options: PropagationOptions | None = None, cache: FeatureCache | None = None,
-                 cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict[int, PropagationResult]]:
+                 cancel: Callable[[], bool] | None = None,
+                 modality: Modality | Literal["auto"] = "auto") -> tuple[np.ndarray, dict[int, PropagationResult]]:
     """The support's structures found and segmented in a query scan, on the query's own grid.
 
     The query is brought into the support's orientation first (its position priors and the
     support's slices then agree on which way is which); the engine shows both to the model in
-    its training orientation. Returns the mask (0/1 for one
+    its training orientation. ``modality`` is both scans' ("auto": each detected). Returns the mask (0/1 for one
     structure, the support's label values for several) and each structure's result.
     """
     volume, affine, back = _to_orientation(query.data, query.affine, support.scan.affine)
@@ -138,13 +142,13 @@ def segment_scan(support: Support, query: Scan, model: Model, axis: int = 2,
     labels = [support.label] if support.label is not None else painted_labels(support.mask)
     if len(labels) == 1:
         result = segment_like(support.scan.data, support.mask, volume, model, support.scan.spacing, spacing,
-                              axis=axis, label=labels[0], options=options, cache=cache, cancel=cancel,
-                              support_affine=support.scan.affine, query_affine=affine)
+                              axis=axis, label=labels[0], options=options, modality=modality, cache=cache,
+                              cancel=cancel, support_affine=support.scan.affine, query_affine=affine)
         values, results = result.mask.astype(np.uint8), {labels[0]: result}
     else:
         values, results = segment_like_labels(support.scan.data, support.mask, volume, model, support.scan.spacing,
-                                              spacing, axis=axis, options=options, cache=cache, cancel=cancel,
-                                              support_affine=support.scan.affine, query_affine=affine)
+                                              spacing, axis=axis, options=options, modality=modality, cache=cache,
+                                              cancel=cancel, support_affine=support.scan.affine, query_affine=affine)
     for result in results.values():
         result.mask = back(result.mask)
     return back(values), results
@@ -160,15 +164,16 @@ def _done_rows(scan: Scan, name: str, seconds: float, values: np.ndarray, result
         rng = result.slice_range
         voxels = int((values == (label if len(results) > 1 else 1)).sum())
         rows.append(BatchRow(name, "done", label, seconds, rng[0] if rng else None, rng[1] if rng else None,
-                             int(kept.size), float(kept.mean()) if kept.size else 0.0, voxels * voxel_ml, str(out),
-                             "" if rng else "structure not found"))
+                             int(kept.size), float(kept.mean()) if kept.size else 0.0, voxels * voxel_ml,
+                             result.read_as, str(out), "" if rng else "structure not found"))
     return rows
 
 
 def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, model: Model, axis: int = 2,
                    options: PropagationOptions | None = None, overwrite: bool = False,
                    on_scan: Callable[[list[BatchRow]], None] | None = None,
-                   cancel: Callable[[], bool] | None = None) -> list[BatchRow]:
+                   cancel: Callable[[], bool] | None = None,
+                   modality: Modality | Literal["auto"] = "auto") -> list[BatchRow]:
     """Segment the support's structures in every scan: one row per scan (per structure of a scan
     done), failures included; ``on_scan`` gets each scan's rows as it finishes."""
     out_dir = Path(out_dir)
@@ -190,7 +195,7 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
             try:
                 scan = read_scan(path)
                 scan = Scan(as_3d(scan.data, path, "scan"), scan.affine, scan.header, scan.path)
-                values, results = segment_scan(support, scan, model, axis, options, cache, cancel)
+                values, results = segment_scan(support, scan, model, axis, options, cache, cancel, modality)
                 write_nifti(out, values, scan.affine, reference=scan.header, overwrite=overwrite)
                 scan_rows = _done_rows(scan, path.name, time.perf_counter() - start, values, results, out)
             except Cancelled:

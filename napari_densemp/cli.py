@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
                         help="slicing axis of the stored array; auto: the axis across which the painting lies "
                              "in one slice or a few, else (a 3D mask) the scan's axial axis")
-    parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"])
+    parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"],
+                        help="auto: CT when the scan holds air in Hounsfield units, else MRI. Say ct for a CT "
+                             "stored as HU + 1024 (unsigned, as OpenKBP): auto reads it as MRI, ct reads it right")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--between-painted", action="store_true",
                         help="segment only between the first and last painted slice")
@@ -67,11 +69,12 @@ def _progress_bar():
     bars: dict[str, tqdm] = {}
 
     def update(done: int, total: int, stage: str) -> None:
+        total = total or None  # 0: the walk, whose end is not known beforehand (a count, no bar)
         bar = bars.get(stage)
         if bar is None or bar.total != total or done < bar.n:  # a new stage, or the same stage on another volume
             for other in bars.values():
                 other.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="slice" if total > 1 else "step", leave=False)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="slice", leave=False)
         bar.update(done - bar.n)
 
     def close() -> None:
@@ -130,7 +133,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
-                          "voxels": voxels[value], "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence}
+                          "voxels": voxels[value], "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence,
+                          "read_as": r.read_as}
                   for value, r in sorted(results.items())}
     return {"out": out_path, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
@@ -189,7 +193,7 @@ def run_folder(args: argparse.Namespace) -> int:
     try:
         rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask, support.scan.affine),
                               model.default_options(**_mirror(args.mirror_average)), overwrite=args.overwrite,
-                              on_scan=done)
+                              on_scan=done, modality=args.modality)
     finally:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"
@@ -253,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             rng = structure["slice_range"]
             name = f" label {value}:" if len(structures) > 1 else ""
             print(f"{summary['out']}:{name} {structure['voxels']} voxels ({structure['volume_ml']:.1f} ml) on slices "
-                  f"{rng[0]}..{rng[1]} along axis {structure['axis']} (painted {structure['painted']})", end="")
+                  f"{rng[0]}..{rng[1]} along axis {structure['axis']} (painted {structure['painted']}; read as "
+                  f"{structure['read_as']})", end="")
             print(f", {time.perf_counter() - start:.1f} s" if len(structures) == 1 else "")
         if len(structures) > 1:
             print(f"{len(structures)} structures in {time.perf_counter() - start:.1f} s")

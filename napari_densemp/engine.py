@@ -37,11 +37,13 @@ from .preprocessing import (
     check_volume,
     detect_modality,
     prepare_volume,
+    reading,
     resize_slices,
 )
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default_v0.pt"
+# progress(done, total, stage); total 0: how far the stage goes is not known (the walk ends where the structure does)
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -120,6 +122,7 @@ class VolumeFeatures:
         self.grid_size = grid_size
         self.native_size = native_size
         self.modality = modality
+        self.read_as = "CT" if modality == "ct" else "MRI"  # how the intensities were read (preprocessing.reading)
         self.seconds = 0.0  # spent preparing and embedding so far
         self.mirrored: VolumeFeatures | None = None  # the slices mirrored along their first in-plane axis
         self.count = len(features) if features is not None else len(prepared)
@@ -136,6 +139,7 @@ class VolumeFeatures:
         start = time.perf_counter()
         prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
         feats = cls(prepared, tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality, model)
+        feats.read_as = reading(slices, modality)
         feats.seconds = time.perf_counter() - start
         return feats
 
@@ -169,7 +173,7 @@ class VolumeFeatures:
         with self._lock, torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
                                                                   enabled=model.uses_bf16):
             missing = [z for z in missing if not self._done[z]]  # another thread may have done some
-            for first in range(0, len(missing), batch_size):
+            for first in range(0, len(missing), batch_size):  # progress: of the slices asked for now
                 _check_cancel(cancel)
                 start = time.perf_counter()
                 chosen = missing[first:first + batch_size]
@@ -182,7 +186,7 @@ class VolumeFeatures:
                 self._done[chosen] = True
                 self.seconds += time.perf_counter() - start
                 if progress is not None:
-                    progress(self.computed, self.count, "computing features")
+                    progress(min(first + batch_size, len(missing)), len(missing), "computing features")
             if self._done.all():
                 self._prepared = None
 
@@ -302,6 +306,7 @@ class PropagationResult:
     found_at: list[int] = field(default_factory=list)  # segment_like: query slices the supports were matched to
     axis: int = 2  # the slicing axis walked (of the input array)
     planes: dict[int, list[int]] = field(default_factory=dict)  # painted in several planes: axis -> slices walked
+    read_as: str = ""  # how the scan's intensities were read: "CT", "CT stored as HU + 1024", "MRI"
 
 
 def _integer_painting(painted: np.ndarray) -> np.ndarray:
@@ -526,7 +531,7 @@ class SliceScorer:
         self.config = model.network.config
         self.feats = feats
         self.cancel = cancel
-        self.progress = progress  # reports slices embedded as the walk asks for them
+        self.progress = progress  # reports the slices scored so far, of a total not known
         self.painted = sorted(prototypes)
         self.prototypes = prototypes
         self._cache: dict[int, np.ndarray] = {}
@@ -549,7 +554,7 @@ class SliceScorer:
             fg = torch.cat([self.prototypes[p][0] for p in chosen])
             bg = torch.cat([self.prototypes[p][1] for p in chosen])
             with torch.inference_mode():
-                query = unit_length(self.feats.slices(batch, self.progress, self.cancel), 1)
+                query = unit_length(self.feats.slices(batch, cancel=self.cancel), 1)
                 logits = head_logits(query, fg, bg, self.config.scale, normalized=True)
                 # softmax over [bg, fg] is a sigmoid of the difference, which bilinear
                 # upsampling commutes with: upsample one channel instead of two.
@@ -557,6 +562,8 @@ class SliceScorer:
                 margin = F.interpolate(margin, size=self.feats.grid_size, mode="bilinear", align_corners=False)
                 prob = torch.sigmoid(margin)[:, 0].numpy()
             self._cache.update(zip(batch, prob))
+            if self.progress is not None:
+                self.progress(len(self._cache), 0, "following the structure")
         return self._cache[z]
 
 
@@ -567,6 +574,15 @@ class MirrorAveragedScorer:
     def __init__(self, plain: SliceScorer, mirrored: SliceScorer) -> None:
         self.plain, self.mirrored = plain, mirrored
         self._cache: dict[int, np.ndarray] = {}
+
+    @property
+    def progress(self) -> ProgressCallback | None:
+        """Reported by the plain scorer (the mirrored one scores the same slices)."""
+        return self.plain.progress
+
+    @progress.setter
+    def progress(self, progress: ProgressCallback | None) -> None:
+        self.plain.progress = progress
 
     def __call__(self, z: int, step: int = 1, until: int | None = None) -> np.ndarray:
         if z not in self._cache:
@@ -582,11 +598,12 @@ def make_scorer(model: Model, feats: VolumeFeatures, support: VolumeFeatures, ma
     slices). Averaged with the mirrored slices when both volumes carry them."""
     anchors = anchors if anchors is not None else {z: z for z in masks}
 
-    def scorer(query: VolumeFeatures, source: VolumeFeatures, grid: dict[int, torch.Tensor]) -> SliceScorer:
+    def scorer(query: VolumeFeatures, source: VolumeFeatures, grid: dict[int, torch.Tensor],
+               reports: ProgressCallback | None = None) -> SliceScorer:
         prototypes = slice_prototypes(model, source, grid)
-        return SliceScorer(model, query, {z: prototypes[s] for z, s in anchors.items()}, cancel, progress)
+        return SliceScorer(model, query, {z: prototypes[s] for z, s in anchors.items()}, cancel, reports)
 
-    plain = scorer(feats, support, masks)
+    plain = scorer(feats, support, masks, progress)
     if feats.mirrored is None or support.mirrored is None:
         return plain
     mirrored_masks = {z: torch.flip(m, dims=(0,)) for z, m in masks.items()}
@@ -825,7 +842,8 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
         axis: the slicing axis (the one the user paints across; 2 for axial NIfTI).
         label: which painted value to propagate; required when several are painted.
         cache: reuse backbone features across calls (the widget keeps one).
-        progress: called as ``progress(done, total, stage)``.
+        progress: called as ``progress(done, total, stage)``; ``total`` 0 while walking (where
+            the structure ends is not known beforehand).
         cancel: polled between batches; when it returns True, :class:`Cancelled` is raised.
         affine: the scan's voxel-to-world matrix, when known: its slices are then shown to the
             model in the orientation of the model's training scans (:class:`InPlaneView`).
@@ -864,7 +882,7 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
     start = time.perf_counter()
     feats, spent = volume_features(model, slices, spacing_hw, modality, cache, options.mirror_average)
     painted_by_slice = _grid_masks(paint, painted_slices, feats)
-    # The backbone runs as the walk reaches slices: progress counts the slices embedded.
+    # The backbone runs as the walk reaches slices: progress counts the slices scored.
     scorer = make_scorer(model, feats, feats, painted_by_slice, cancel=cancel, progress=progress)
     n_slices = paint.shape[0]
     pixel_mm = _pixel_mm(spacing_hw, feats)
@@ -876,12 +894,10 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
     out, confidence = _render(scorer, region, feats, threshold, n_slices)
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
     seconds = _embedding_seconds(feats) - spent
-    if progress is not None and seconds > 0:
-        progress(feats.count, feats.count, "computing features")  # the walk has ended: nothing more to embed
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=seconds, seconds_head=time.perf_counter() - start - seconds,
-                             reused_features=seconds == 0, axis=axis)
+                             reused_features=seconds == 0, axis=axis, read_as=feats.read_as)
 
 
 def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
@@ -1058,8 +1074,6 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
         for volume_feats in (feats, feats.mirrored):
             if volume_feats is not None:
                 volume_feats.slices(searched, progress, cancel)
-    if progress is not None:
-        progress(0, 1, "finding the structure")
     s_masks = _grid_masks(support, painted, s_feats)
     s_pixel, q_pixel = _pixel_mm(support_hw, s_feats), _pixel_mm(query_hw, q_feats)
     reference_mask = {reference: s_masks[reference]}
@@ -1069,16 +1083,19 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     threshold = _calibrated_threshold(own, {reference: _seed(s_masks[reference])}, options, s_pixel) \
         if options.calibrate_threshold else options.threshold
     # Pass 1: where is it? Score the searched query slices against the reference support slice.
-    scorer = make_scorer(model, q_feats, s_feats, reference_mask, {0: reference}, cancel, progress)
+    scorer = make_scorer(model, q_feats, s_feats, reference_mask, {0: reference}, cancel)
     target_mm2 = float(areas[reference]) * support_hw[0] * support_hw[1]
     q_area = q_pixel[0] * q_pixel[1]
     scores, regions = np.zeros(n), {}
     s_frame, q_frame = _body_frame(s_feats, s_searched), _body_frame(q_feats, q_searched)
     s_centre = (np.array(ndimage.center_of_mass(_seed(s_masks[reference]))) - s_frame[0]) / s_frame[1]
     stride = q_searched[1] - q_searched[0] if len(q_searched) > 1 else 1
-    for z in q_searched:  # scored ahead along the searched slices only
+    for i, z in enumerate(q_searched):  # scored ahead along the searched slices only
         scores[z], regions[z] = _best_component(scorer(z, stride, n), options.threshold, target_mm2, q_area,
                                                 s_centre, q_frame, options.inplane_prior)
+        if progress is not None:
+            progress(i + 1, len(q_searched), "finding the structure")
+    scorer.progress = progress  # the walks: slices scored, as propagate reports them
     if options.position_prior > 0:
         relative = (reference + 0.5) / len(support)
         positions = (np.arange(n) + 0.5) / n
@@ -1110,16 +1127,13 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
                 region = _walk(scorer, n, seeds, (0, n - 1), walk_options, q_pixel)
                 found_at = query_centres
         out, confidence = _render(scorer, region, q_feats, threshold, n)
-    if progress is not None:
-        progress(1, 1, "finding the structure")
     seconds = _embedding_seconds(q_feats) - q_spent  # both scans' backbone time in this call
     if s_feats is not q_feats:
         seconds += _embedding_seconds(s_feats) - s_spent
     return PropagationResult(mask=np.moveaxis(query_view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=[], seconds_features=seconds,
                              seconds_head=time.perf_counter() - start - seconds, reused_features=seconds == 0,
-                             found_at=found_at,
-                             axis=axis)
+                             found_at=found_at, axis=axis, read_as=q_feats.read_as)
 
 
 def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, query_volume: np.ndarray,

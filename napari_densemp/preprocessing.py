@@ -18,6 +18,7 @@ from .errors import DenseMPError
 
 Modality = Literal["ct", "mri"]
 AIR_HU = -500.0  # anything below is air: tells CT from MRI and the body from its surroundings
+HU_STORAGE_OFFSET = 1024.0  # CTs stored unsigned hold HU + 1024
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,36 @@ def detect_modality(volume: np.ndarray) -> Modality:
     return "ct" if float(np.percentile(sample, 1.0)) < AIR_HU else "mri"
 
 
+def stored_hu_offset(volume: np.ndarray) -> float:
+    """1024 when a CT holds Hounsfield units + 1024 (stored unsigned without its rescale
+    intercept, as OpenKBP and some converters do), else 0.
+
+    A CT in HU has air below -500; such a scan has none there, but its air at about 0 (-1024 HU
+    shifted) and a body of at least 2% of the voxels above 824 (-200 HU shifted). Only asked of
+    scans known to be CT: a 12-bit MRI can look the same.
+    """
+    sample = np.asarray(volume[:: max(1, volume.shape[0] // 16)], dtype=np.float32)
+    air = float(np.percentile(sample, 1.0))
+    body = float((sample >= HU_STORAGE_OFFSET - 200.0).mean())
+    return HU_STORAGE_OFFSET if abs(air) <= 200.0 and body >= 0.02 else 0.0
+
+
+def reading(volume: np.ndarray, modality: Modality) -> str:
+    """How a scan's intensities are read, in words for the user: "CT", "CT stored as HU + 1024"
+    or "MRI" (a CT read as MRI is then visible)."""
+    if modality == "mri":
+        return "MRI"
+    return "CT stored as HU + 1024" if stored_hu_offset(volume) else "CT"
+
+
 def window_intensities(volume: np.ndarray, modality: Modality,
                        profile: PreprocessingProfile) -> np.ndarray:
-    """CT: HU window; MRI: clip above the profile's percentile. Returns float32 in [0, 1]."""
+    """CT: HU window (on HU + 1024 where the scan is stored so); MRI: clip above the profile's
+    percentile. Returns float32 in [0, 1]."""
     source = np.asarray(volume)
     if modality == "ct":
-        low, high = profile.ct_window
+        offset = stored_hu_offset(source)
+        low, high = (bound + offset for bound in profile.ct_window)
     else:
         sample = source[:: max(1, source.shape[0] // 64)]  # percentiles of a large volume, cheaply
         low = float(source.min())

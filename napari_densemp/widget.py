@@ -74,6 +74,7 @@ class _Request:
     device: str
     between_painted_only: bool
     mirror_average: bool
+    modality: str = "auto"  # "auto", "ct" or "mri": how the scans' intensities are read
     axis_auto: bool = False  # each structure walked across the plane it was painted on (axis: the slider's)
     image_layer: Any = None
     geometry: Geometry | None = None  # the scan's stored grid, when the layer came from our reader
@@ -129,6 +130,9 @@ class OneShotWidget(Container):
                                        "trained with densemp-train.")
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
+        self._modality = ComboBox(label="scan type", choices=[("auto", "auto"), ("CT", "ct"), ("MRI", "mri")],
+                                  tooltip="auto: CT when the scan holds air in Hounsfield units, else MRI. Choose "
+                                          "CT for a CT stored as HU + 1024 (auto reads it as MRI).")
         self._axis = ComboBox(label="slicing axis", choices=["auto", "0", "1", "2"],
                               tooltip="auto: each structure across the plane it was painted on (a coronal "
                                       "view's slice walks coronal slices), else the slider's axis.")
@@ -150,7 +154,8 @@ class OneShotWidget(Container):
         self._results_dir = FileEdit(label="results folder", mode="d")
         self._segment_folder = PushButton(text="Segment folder")
         self.extend([self._image, self._painted, self._label, self._target, self._model, self._checkpoint,
-                     self._device, self._axis, self._between, self._mirror, self._propagate, self._cancel, self._undo,
+                     self._device, self._modality, self._axis, self._between, self._mirror, self._propagate,
+                     self._cancel, self._undo,
                      self._progress, self._status, self._slice_info, self._many_title, self._open_images,
                      self._scans_dir, self._results_dir, self._segment_folder])
 
@@ -214,7 +219,7 @@ class OneShotWidget(Container):
             spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),
             label=int(self._label.value) or None, model_source=source, device=self._device.value,
             between_painted_only=bool(self._between.value), mirror_average=bool(self._mirror.value),
-            axis_auto=self._axis.value == "auto", image_layer=image,
+            modality=str(self._modality.value), axis_auto=self._axis.value == "auto", image_layer=image,
             geometry=Geometry.from_metadata(image.metadata))
 
     # ------------------------------------------------------------------ running
@@ -244,7 +249,8 @@ class OneShotWidget(Container):
         options = request.options(model, between_painted_only=request.between_painted_only)
         volume, painted, spacing, axis, affine = request.on_stored_grid()
         labels = [request.label] if request.label else painted_labels(painted)
-        kwargs = dict(options=options, cache=self._feature_cache, cancel=self._cancel_flag.is_set, affine=affine,
+        kwargs = dict(options=options, modality=request.modality, cache=self._feature_cache,
+                      cancel=self._cancel_flag.is_set, affine=affine,
                       progress=lambda done, total, stage: self._relay.progressed.emit(run, done, total, stage))
         if request.axis_auto:  # each structure across the plane it was painted on, else the slider's
             walks = {label: painting_axis(painted == label, default=axis) for label in labels}
@@ -332,6 +338,7 @@ class OneShotWidget(Container):
         self._cancel.enabled = running
         self._progress.visible = running
         self._progress.value = 0
+        self._progress.max = 100
         if not running:
             if self._activity is not None:
                 self._activity.close()
@@ -342,13 +349,24 @@ class OneShotWidget(Container):
     def _on_progress(self, run: int, done: int, total: int, stage: str) -> None:
         if run != self._runs or self._worker is None:
             return  # queued from a run that has ended
-        self._progress.value = int(100 * done / max(total, 1))
-        self._status.value = f"{stage}..."
+        if total > 0:
+            self._progress.max = 100
+            self._progress.value = int(100 * done / total)
+            self._status.value = f"{stage}..."
+        else:  # walking: where the structure ends is not known beforehand, so a busy bar and a count
+            self._progress.value = 0
+            self._progress.max = 0
+            self._status.value = f"{stage}: {done} slices..."
         # Last: napari's progress bar may process events, delivering the run's end in here.
         activity = self._activity
         if activity is not None:
             activity.set_description(f"One-shot segment: {stage}")
-            activity.update(self._progress.value - activity.n)
+            if total > 0:
+                if activity.total != 100:
+                    activity.total = 100
+                activity.update(self._progress.value - activity.n)
+            elif activity.total != 0:
+                activity.total = 0  # napari shows an indeterminate bar
 
     def _on_error(self, exc: Exception) -> None:
         from .engine import Cancelled
@@ -400,7 +418,7 @@ class OneShotWidget(Container):
         volumes = ", ".join((f"{value}: " if len(labels) > 1 else "") + f"{(values == value).sum() * voxel_ml:.1f} ml"
                             for value in labels)
         self._status.value = (f"'{layer.name}': {extent} along axis {request.axis}\n"
-                              f"volume {volumes}\n"
+                              f"volume {volumes}; read as {result.read_as}\n"
                               f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
                               f"{seconds:.1f} s ({features})")
         self._last = (layer, summary)
@@ -473,7 +491,7 @@ class OneShotWidget(Container):
             scan, geometry = self._layer_scan(layer)
             try:
                 values, found = segment_scan(support, scan, model, axis, request.options(model), cache,
-                                             self._cancel_flag.is_set)
+                                             self._cancel_flag.is_set, request.modality)
                 if len(found) == 1:  # a 0/1 mask: give it the painted value
                     [label] = found
                     values = values.astype(np.uint8 if label <= 255 else np.int32) * label
@@ -500,7 +518,7 @@ class OneShotWidget(Container):
             ranges = [(label, r.slice_range) for label, r in found.items()]
             lines.append(f"'{layer.name}': " + "; ".join(
                 (f"{label}: " if len(found) > 1 else "") + (f"slices {rng[0]}-{rng[1]}" if rng else "not found")
-                for label, rng in ranges))
+                for label, rng in ranges) + f" (read as {next(iter(found.values())).read_as})")
         self._status.value = "\n".join(lines) + f"\n{seconds:.1f} s"
 
     def segment_folder(self) -> None:
@@ -538,7 +556,7 @@ class OneShotWidget(Container):
         self._relay.progressed.emit(run, 0, total, "segmenting scans")
         rows = segment_folder(support, request.scans, request.results_dir, model, axis,
                               request.options(model), on_scan=on_scan,
-                              cancel=self._cancel_flag.is_set)
+                              cancel=self._cancel_flag.is_set, modality=request.modality)
         return rows, write_summary(rows, request.results_dir / "summary.csv")
 
     def _on_folder(self, request: _Request, outcome, seconds: float) -> None:

@@ -206,6 +206,23 @@ def test_folder_cli_reports_a_summary_and_exit_code(folder, capsys):
     assert "needs --support-image, --support-mask and --scans" in capsys.readouterr().err
 
 
+def test_a_folder_run_reads_scans_as_told_and_says_how(folder, tmp_path):
+    """``--modality`` reaches every scan of a folder; the table says how each scan was read."""
+    root, truths = folder
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = read_nifti(root / "scans" / "a.nii.gz")
+    write_nifti(scans / "a.nii.gz", np.rint(source.data) + 1024, source.affine)  # HU + 1024
+    support = ["--support-image", str(root / "support.nii.gz"), "--support-mask", str(root / "support_painted.nii.gz")]
+    for extra, read_as in (([], "MRI"), (["--modality", "ct"], "CT stored as HU + 1024")):
+        out = tmp_path / f"out{len(extra)}"
+        assert segment_main([*support, "--scans", str(scans), "--out", str(out), *extra]) == 0
+        with open(out / "summary.csv") as f:
+            [row] = list(csv.DictReader(f))
+        assert row["read_as"] == read_as
+    assert dice(read_nifti(out / "a.nii.gz").data.astype(bool), truths["a"]) > 0.6
+
+
 def test_support_with_a_mismatched_mask_is_named(tmp_path, ct_phantom):
     write_nifti(tmp_path / "s.nii.gz", ct_phantom.image, ct_phantom.affine)
     write_nifti(tmp_path / "m.nii.gz", np.zeros((4, 4, 4), np.uint8), ct_phantom.affine)

@@ -60,6 +60,21 @@ def test_segments_with_exact_geometry(files, phantom, capsys):
     assert f"{voxels} voxels ({ml:.1f} ml) on slices" in capsys.readouterr().out
 
 
+def test_a_ct_stored_as_hu_plus_1024_gives_the_hu_mask_when_said_to_be_ct(files, phantom, capsys):
+    """Auto reads a CT stored as HU + 1024 as MRI (and says so); ``--modality ct`` reads it as
+    the HU scan it is: the same mask, voxel for voxel."""
+    folder, image, painted, affine = files
+    stored = write_nifti(folder / "ct_plus_1024.nii.gz", phantom.image.astype(np.int16) + np.int16(1024), affine)
+    masks, printed = {}, {}
+    for name, scan, extra in (("hu", image, []), ("ct", stored, ["--modality", "ct"]), ("auto", stored, [])):
+        out = folder / f"read_{name}.nii.gz"
+        assert main([str(scan), str(painted), "-o", str(out), *extra]) == 0
+        masks[name], printed[name] = read_nifti(out).data, capsys.readouterr().out
+    np.testing.assert_array_equal(masks["ct"], masks["hu"])
+    assert "read as CT)" in printed["hu"] and "read as CT stored as HU + 1024)" in printed["ct"]
+    assert "read as MRI)" in printed["auto"]
+
+
 def test_axis_follows_a_painting_made_on_another_plane(files, phantom, capsys):
     """A kidney painted on its largest slice across stored axis 1 (a sagittal view here): with
     no --axis the walk runs along axis 1; forcing axis 2 is refused with the axis to use."""

@@ -327,6 +327,23 @@ def test_cancel_stops_a_run(ct_phantom, default_model):
     assert len(seen) == 1
 
 
+def test_progress_counts_the_walk_and_fills_a_known_total(ct_phantom, default_model):
+    """Where the walk ends is not known beforehand: it reports a rising count with total 0 (a busy
+    bar), never a bar that jumps to full. Embedding a whole volume reports a total it reaches."""
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    seen = []
+    result = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing,
+                       progress=lambda done, total, stage: seen.append((done, total, stage)))
+    assert {(total, stage) for _, total, stage in seen} == {(0, "following the structure")}
+    counts = [done for done, _, _ in seen]
+    first, last = result.slice_range
+    assert counts == sorted(counts) and last - first + 1 <= counts[-1] < ct_phantom.image.shape[2]
+    seen.clear()
+    compute_features(default_model, np.moveaxis(ct_phantom.image, 2, 0), ct_phantom.spacing[:2],
+                     progress=lambda done, total, stage: seen.append((done, total)))
+    assert seen[-1] == (ct_phantom.image.shape[2],) * 2 and all(total == seen[-1][1] for _, total in seen)
+
+
 def _with_second_label(painted: np.ndarray) -> np.ndarray:
     painted = painted.copy()
     painted[:2, :2, 0] = 3

@@ -14,7 +14,9 @@ from napari_densemp.preprocessing import (
     detect_modality,
     model_grid_size,
     prepare_volume,
+    reading,
     resize_slices,
+    stored_hu_offset,
     window_intensities,
     zscore,
 )
@@ -38,6 +40,24 @@ def test_mri_clips_the_bright_end_at_the_percentile():
 def test_modality_detection(ct_phantom, mri_phantom):
     assert detect_modality(ct_phantom.image) == "ct"
     assert detect_modality(mri_phantom.image) == "mri"
+
+
+def test_a_ct_stored_as_hu_plus_1024_is_windowed_as_hu(ct_phantom, mri_phantom):
+    """OpenKBP and some converters store CT unsigned, as HU + 1024. Said to be CT, such a scan
+    is windowed exactly as its HU; a CT in HU, and one cropped inside the body (no air), is not
+    shifted. Auto-detection reads it as MRI: a 12-bit MRI looks the same, so only the user can
+    tell (``--modality ct``, the widget's scan type)."""
+    profile = PreprocessingProfile()
+    hu = np.rint(ct_phantom.image)
+    shifted = hu + 1024
+    assert stored_hu_offset(hu) == 0 and stored_hu_offset(shifted) == 1024
+    np.testing.assert_array_equal(window_intensities(shifted, "ct", profile), window_intensities(hu, "ct", profile))
+    x, y, z = (np.flatnonzero(ct_phantom.label.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    inside = hu[x[0]:x[-1] + 1, y[0]:y[-1] + 1, z[0]:z[-1] + 1]  # the organs' box: soft tissue, no air
+    assert np.percentile(inside, 1) > -500 and stored_hu_offset(inside) == 0
+    assert detect_modality(shifted) == "mri"
+    assert (reading(hu, "ct"), reading(shifted, "ct"), reading(mri_phantom.image, "mri")) == (
+        "CT", "CT stored as HU + 1024", "MRI")
 
 
 def test_grid_size_follows_training_spacing_within_bounds():

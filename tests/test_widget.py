@@ -99,11 +99,24 @@ def test_widget_propagates_the_painted_liver(viewer_with_sample):
     assert (first, last) == tuple(np.flatnonzero((result.data == LIVER).any(axis=(1, 2)))[[0, -1]])
     np.testing.assert_array_equal(result.data, _engine_result(viewer))
     assert "mean confidence" in widget._status.value
+    assert "; read as CT\n" in widget._status.value
     voxel_ml = np.prod(viewer.layers["phantom CT"].scale) / 1000
     assert f"volume {(result.data == LIVER).sum() * voxel_ml:.1f} ml" in widget._status.value
     shown = next(z for z in range(first, last + 1) if not painted_before[z].any())
     viewer.dims.set_current_step(0, shown)
     assert widget._slice_info.value.startswith(f"slice {shown}: confidence 0.")
+
+
+def test_the_walk_shows_a_busy_bar_and_a_count_then_the_bar_resets(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    seen = []  # connected after the widget's own slot: the bar and status as each report left them
+    widget._relay.progressed.connect(lambda run, done, total, stage: seen.append(
+        (done, total, widget._progress.max, widget._status.value)))
+    _run(widget)
+    walking = [(done, bar_max, status) for done, total, bar_max, status in seen if total == 0]
+    assert walking and all(bar_max == 0 and status == f"following the structure: {done} slices..."
+                           for done, bar_max, status in walking)
+    assert widget._progress.max == 100 and not widget._progress.visible
 
 
 def test_the_mirror_box_averages_with_the_mirrored_scan(viewer_with_sample):
@@ -113,6 +126,18 @@ def test_the_mirror_box_averages_with_the_mirrored_scan(viewer_with_sample):
     mirrored = _engine_result(viewer, mirror_average=True)
     np.testing.assert_array_equal(viewer.layers["phantom CT 6 propagated"].data, mirrored)
     assert not np.array_equal(mirrored, _engine_result(viewer))  # it is another result
+
+
+def test_a_ct_stored_as_hu_plus_1024_is_read_as_ct_when_the_scan_type_says_so(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    image = viewer.layers["phantom CT"]
+    image.data = np.rint(image.data)  # whole HU, as scanners store them
+    expected = _engine_result(viewer)
+    image.data = image.data + 1024
+    widget._modality.value = "ct"
+    _run(widget)
+    np.testing.assert_array_equal(viewer.layers["phantom CT 6 propagated"].data, expected)
+    assert "; read as CT stored as HU + 1024\n" in widget._status.value
 
 
 def test_the_bundled_v2_model_is_a_choice(viewer_with_sample):
