@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             rng = structure["slice_range"]
             name = f" label {value}:" if len(structures) > 1 else ""
             print(f"{summary['out']}:{name} {structure['voxels']} voxels ({structure['volume_ml']:.1f} ml) on slices "
-                  f"{rng[0]}..{rng[1]} along axis {structure['axis']} (painted {structure['painted']}; read as "
-                  f"{structure['read_as']})", end="")
+                  f"{rng[0]}..{rng[1]} along axis {structure['axis']} (painted {structure['painted']}), read as "
+                  f"{structure['read_as']}", end="")
             print(f", {time.perf_counter() - start:.1f} s" if len(structures) == 1 else "")
         if len(structures) > 1:
             print(f"{len(structures)} structures in {time.perf_counter() - start:.1f} s")

@@ -71,8 +71,8 @@ def test_a_ct_stored_as_hu_plus_1024_gives_the_hu_mask_when_said_to_be_ct(files,
         assert main([str(scan), str(painted), "-o", str(out), *extra]) == 0
         masks[name], printed[name] = read_nifti(out).data, capsys.readouterr().out
     np.testing.assert_array_equal(masks["ct"], masks["hu"])
-    assert "read as CT)" in printed["hu"] and "read as CT stored as HU + 1024)" in printed["ct"]
-    assert "read as MRI)" in printed["auto"]
+    assert "read as CT, " in printed["hu"] and "read as CT stored as HU + 1024, " in printed["ct"]
+    assert "read as MRI, " in printed["auto"]
 
 
 def test_axis_follows_a_painting_made_on_another_plane(files, phantom, capsys):
