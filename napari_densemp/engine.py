@@ -5,16 +5,16 @@ painted slice keeps what is connected to the previous slice's mask and stops whe
 structure ends (see :class:`PropagationOptions` for the rules and why); the backbone embeds a
 slice when the walk first reaches it, at most once per volume (features are cached, so a
 correction re-runs only the light head), and the ALP head scores it against the nearest
-painted slice(s).
+painted slice(s). ``segment_like`` finds and segments the structure in another patient's scan.
+
+Built on :mod:`.features` (embedding and caching slices) and :mod:`.painting` (what a
+painting says); their public names are re-exported here, the API callers use.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -30,25 +30,43 @@ from scipy import ndimage
 from .checkpoint import load_checkpoint
 from .devices import pick_device, use_bf16
 from .errors import DenseMPError
-from .network import FewShotSegmenter, head_logits, resize_mask, support_prototypes, unit_length
-from .preprocessing import (
-    Modality,
-    PreprocessingProfile,
-    check_volume,
-    detect_modality,
-    prepare_volume,
-    reading,
-    resize_slices,
+from .features import (
+    Cancelled,
+    FeatureCache,
+    ProgressCallback,
+    VolumeFeatures,
+    check_cancel,
+    compute_features,
+    embedding_seconds,
+    volume_features,
 )
+from .network import FewShotSegmenter, head_logits, resize_mask, support_prototypes, unit_length
+from .painting import (
+    check_painting_axis,
+    in_slices,
+    integer_painting,
+    on_slices,
+    painted_binary,
+    painted_labels,
+    painted_planes,
+    painting_axis,
+    plane_axis,
+    slices_holding,
+    walked_axes,
+)
+from .preprocessing import Modality, PreprocessingProfile, check_volume, detect_modality, resize_slices
+
+# The engine's API: its own functions and what it re-exports from the modules it is built on.
+__all__ = [
+    "DEFAULT_MODEL", "Cancelled", "FeatureCache", "InPlaneView", "Model", "ProgressCallback", "PropagationOptions",
+    "PropagationResult", "SliceScorer", "VolumeFeatures", "bundled_models", "chunk_centres", "compute_features",
+    "confidence_along", "default_model_path", "load_model", "make_scorer", "merge_structures", "painted_labels",
+    "painted_planes", "painting_axis", "parse_rules", "plane_axis", "propagate", "propagate_labels",
+    "search_slices", "segment_like", "segment_like_labels", "slice_prototypes", "volume_features", "walked_axes",
+]
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default_v0.pt"
-# progress(done, total, stage); total 0: how far the stage goes is not known (the walk ends where the structure does)
-ProgressCallback = Callable[[int, int, str], None]
-
-
-class Cancelled(Exception):
-    """Raised inside the engine when the caller's cancel flag is set."""
 
 
 # --------------------------------------------------------------------------- models
@@ -105,137 +123,6 @@ def load_model(source: str | Path = "default", device: str = "auto",
     network = checkpoint.build_model().to(dev).to(memory_format=torch.channels_last)
     bf16 = precision == "bf16" or (precision == "auto" and use_bf16(dev))
     return Model(network, checkpoint.preprocessing, dev, path.name, checkpoint.provenance, bf16)
-
-
-# --------------------------------------------------------------------------- features
-class VolumeFeatures:
-    """Backbone features of a volume's slices on the model's in-plane grid, each slice computed
-    the first time it is asked for and then kept.
-
-    The walk visits only the slices near the structure, so a kidney in a 300-slice CT pays the
-    backbone for a few dozen slices, not 300; a re-run after a correction reuses what the first
-    run computed. Slices are embedded a batch at a time, in bf16 where the hardware has it.
-    """
-
-    def __init__(self, prepared: torch.Tensor | None, grid_size: tuple[int, int], native_size: tuple[int, int],
-                 modality: Modality, model: Model | None = None, features: torch.Tensor | None = None) -> None:
-        self.grid_size = grid_size
-        self.native_size = native_size
-        self.modality = modality
-        self.read_as = "CT" if modality == "ct" else "MRI"  # how the intensities were read (preprocessing.reading)
-        self.seconds = 0.0  # spent preparing and embedding so far
-        self.mirrored: VolumeFeatures | None = None  # the slices mirrored along their first in-plane axis
-        self.count = len(features) if features is not None else len(prepared)
-        self._prepared = prepared  # the z-scored slices on the model grid, until every slice is embedded
-        self._model = model
-        self._features = features  # (S, C, h, w) on the CPU, allocated at the first batch
-        self._done = np.full(self.count, features is not None)
-        self._lock = threading.RLock()
-
-    @classmethod
-    def of(cls, model: Model, slices: np.ndarray, spacing_hw: tuple[float, float],
-           modality: Modality | Literal["auto"] = "auto") -> VolumeFeatures:
-        """(S, H, W) slices prepared for ``model``; nothing embedded yet."""
-        start = time.perf_counter()
-        prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
-        feats = cls(prepared, tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality, model)
-        feats.read_as = reading(slices, modality)
-        feats.seconds = time.perf_counter() - start
-        return feats
-
-    @classmethod
-    def precomputed(cls, features: torch.Tensor, grid_size: tuple[int, int], native_size: tuple[int, int],
-                    modality: Modality) -> VolumeFeatures:
-        return cls(None, grid_size, native_size, modality, features=features)
-
-    @property
-    def computed(self) -> int:
-        """How many slices have been embedded."""
-        return int(self._done.sum())
-
-    def slices(self, index: int | list[int], progress: ProgressCallback | None = None,
-               cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-        """Features of slice ``index`` (C, h, w), or of a list of slices (N, C, h, w)."""
-        wanted = [index] if isinstance(index, int) else list(index)
-        self._embed([z for z in wanted if not self._done[z]], progress, cancel)
-        return self._features[index]
-
-    def all(self, progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-        """Features of every slice (S, C, h, w)."""
-        self._embed([int(z) for z in np.flatnonzero(~self._done)], progress, cancel)
-        return self._features
-
-    def _embed(self, missing: list[int], progress: ProgressCallback | None, cancel: Callable[[], bool] | None,
-               batch_size: int = 8) -> None:
-        if not missing:
-            return
-        model = self._model
-        with self._lock, torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
-                                                                  enabled=model.uses_bf16):
-            missing = [z for z in missing if not self._done[z]]  # another thread may have done some
-            for first in range(0, len(missing), batch_size):  # progress: of the slices asked for now
-                _check_cancel(cancel)
-                start = time.perf_counter()
-                chosen = missing[first:first + batch_size]
-                batch = self._prepared[chosen, None].to(model.device).contiguous(memory_format=torch.channels_last)
-                embedded = model.network.embed(batch)
-                if self._features is None:  # pages are touched only as slices are written
-                    dtype = torch.bfloat16 if model.uses_bf16 else torch.float32
-                    self._features = torch.empty((self.count, *embedded.shape[1:]), dtype=dtype)
-                self._features[chosen] = embedded.to("cpu", self._features.dtype)
-                self._done[chosen] = True
-                self.seconds += time.perf_counter() - start
-                if progress is not None:
-                    progress(min(first + batch_size, len(missing)), len(missing), "computing features")
-            if self._done.all():
-                self._prepared = None
-
-
-class FeatureCache:
-    """Most-recently-used volumes' features, so a re-run after a correction skips the backbone."""
-
-    def __init__(self, max_volumes: int = 1) -> None:
-        self.max_volumes = max_volumes
-        self._entries: OrderedDict[tuple, VolumeFeatures] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str) -> tuple:
-        sample = np.ascontiguousarray(slices[:, ::3, ::3])
-        digest = hashlib.blake2b(sample.tobytes(), digest_size=16).hexdigest()
-        return (id(model.network), slices.shape, str(slices.dtype), digest,
-                tuple(round(s, 6) for s in spacing_hw), modality)
-
-    def get(self, key: tuple) -> VolumeFeatures | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: tuple, value: VolumeFeatures) -> None:
-        with self._lock:
-            self._entries[key] = value
-            while len(self._entries) > self.max_volumes:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-def _check_cancel(cancel: Callable[[], bool] | None) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("cancelled by the user")
-
-
-def compute_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float],
-                     modality: Modality | Literal["auto"] = "auto", progress: ProgressCallback | None = None,
-                     cancel: Callable[[], bool] | None = None) -> VolumeFeatures:
-    """Every slice of (S, H, W) slices embedded now (the engine embeds only the slices it visits)."""
-    feats = VolumeFeatures.of(model, slices, spacing_hw, modality)
-    feats.all(progress, cancel)
-    return feats
 
 
 # --------------------------------------------------------------------------- propagation
@@ -309,138 +196,6 @@ class PropagationResult:
     read_as: str = ""  # how the scan's intensities were read: "CT", "CT stored as HU + 1024", "MRI"
 
 
-def _integer_painting(painted: np.ndarray) -> np.ndarray:
-    """Label values as integers (masks saved as floats are rounded); NaN or inf is named."""
-    painted = np.asarray(painted)
-    if not (np.issubdtype(painted.dtype, np.integer) or painted.dtype == bool):
-        if np.issubdtype(painted.dtype, np.floating) and not np.isfinite(painted).all():
-            raise DenseMPError("The painted mask holds NaN or infinite values.")
-        painted = np.rint(painted).astype(np.int64)
-    return painted
-
-
-def painted_labels(painted: np.ndarray) -> list[int]:
-    """The label values painted (non-zero), sorted; an error when nothing is painted."""
-    painted = _integer_painting(painted)
-    values = np.unique(painted[painted != 0])  # painted voxels are few: sort only those
-    if values.size == 0:
-        raise DenseMPError("The painted mask has no painted voxel: paint the structure on at least one slice.")
-    return [int(v) for v in values]
-
-
-def _painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray, int]:
-    painted = _integer_painting(painted)
-    values = painted_labels(painted)
-    if label is None:
-        if len(values) > 1:
-            raise DenseMPError(f"Several label values are painted ({', '.join(map(str, values[:8]))}); "
-                               f"choose the one to propagate (label).")
-        label = values[0]
-    elif label not in values:
-        raise DenseMPError(f"Label {label} is not painted; painted values: {', '.join(map(str, values[:8]))}.")
-    return painted == label, int(label)
-
-
-def _painted_slice_counts(binary: np.ndarray) -> list[int]:
-    """How many slices along each axis hold painted voxels."""
-    return [int(binary.any(axis=tuple(a for a in range(3) if a != k)).sum()) for k in range(3)]
-
-
-PLANE_NORMALS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the world (RAS) axis that each plane's slices cross
-
-
-def plane_axis(affine: np.ndarray, plane: Literal["axial", "coronal", "sagittal"] = "axial") -> int:
-    """The stored array axis whose slices are closest to ``plane`` for a scan stored as ``affine``
-    says (axial: the axis that runs head to foot)."""
-    if plane not in PLANE_NORMALS:
-        raise DenseMPError(f"plane must be one of {', '.join(PLANE_NORMALS)}; got {plane!r}.")
-    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
-    return int(np.flatnonzero(ornt[:, 0] == PLANE_NORMALS[plane])[0])
-
-
-def painting_axis(painted: np.ndarray, default: int = 2, affine: np.ndarray | None = None) -> int:
-    """The slicing axis a painting was made across, so a painting made on a coronal view of an
-    axial scan needs no option: the one axis along which it lies in a single slice, or in a few
-    slices (at most a quarter as many as along any other axis); else (a 3D mask), with the
-    scan's affine, its axial axis, the plane the models were trained on; else ``default``."""
-    counts = _painted_slice_counts(np.asarray(painted) != 0)
-    single = [k for k in range(3) if counts[k] == 1]
-    if len(single) == 1:
-        return single[0]
-    fewest, *others = np.argsort(counts, kind="stable")
-    if all(4 * counts[fewest] <= counts[k] for k in others):
-        return int(fewest)
-    return plane_axis(affine) if affine is not None and np.isfinite(affine).all() else default
-
-
-def _check_painting_axis(binary: np.ndarray, axis: int) -> None:
-    """A painting that lies in one plane across ``axis``, or covers areas only of slices across
-    another axis, was made on that axis' slices."""
-    counts = _painted_slice_counts(binary)
-    flat = [k for k in range(3) if k != axis and counts[k] == 1]
-    if counts[axis] > 2 and flat:
-        raise DenseMPError(f"The painting lies in a single slice along axis {flat[0]} but spans {counts[axis]} "
-                           f"slices along the slicing axis {axis}: it was painted on a slice of axis {flat[0]}. "
-                           f"Set the slicing axis to {flat[0]}.")
-    if counts[axis] > 2 and not _area_slices(binary, axis).any():
-        other = next((k for k in range(3) if k != axis and _area_slices(binary, k).any()), None)
-        if other is not None:
-            raise DenseMPError(f"The painting covers areas only on slices of axis {other}; across the slicing axis "
-                               f"{axis} it leaves lines on {counts[axis]} slices: it was painted on slices of axis "
-                               f"{other}. Set the slicing axis to {other}.")
-
-
-def _area_slices(binary: np.ndarray, axis: int) -> np.ndarray:
-    """Which slices across ``axis`` were painted on: their painting covers an area (a 2 x 2
-    block), not only the lines a painting made on another plane leaves in them."""
-    moved = np.moveaxis(binary, axis, 0)
-    block = moved[:, :-1, :-1] & moved[:, 1:, :-1] & moved[:, :-1, 1:] & moved[:, 1:, 1:]
-    return block.reshape(len(block), -1).any(axis=1)
-
-
-def _in_slices(binary: np.ndarray, axis: int, chosen: np.ndarray) -> np.ndarray:
-    shape = [1, 1, 1]
-    shape[axis] = -1
-    return binary & chosen.reshape(shape)
-
-
-def _on_slices(binary: np.ndarray, axis: int, slices: list[int]) -> np.ndarray:
-    """The painting on the given slices across ``axis`` only (one plane's painting)."""
-    return _in_slices(binary, axis, np.isin(np.arange(binary.shape[axis]), slices))
-
-
-def painted_planes(binary: np.ndarray, axis: int) -> dict[int, list[int]]:
-    """The planes a structure was painted on, {axis: slices}, the slicing axis first: one entry
-    unless the painting also covers areas of slices across other axes (a correction painted on a
-    coronal view of an axial painting), which then cover the rest of it."""
-    own = _area_slices(binary, axis)
-    rest = binary & ~_in_slices(binary, axis, own)
-    if not own.any() or not rest.any():
-        return {axis: _slices_holding(binary, axis)}
-    planes = {axis: [int(z) for z in np.flatnonzero(own)]}
-    for other in (a for a in range(3) if a != axis):
-        if not rest.any():
-            break
-        chosen = _area_slices(rest, other)
-        if chosen.any():
-            planes[other] = [int(z) for z in np.flatnonzero(chosen)]
-            rest &= ~_in_slices(rest, other, chosen)
-    if rest.any():  # lines or dots off every painted plane: walked across the slicing axis as painted
-        return {axis: _slices_holding(binary, axis)}
-    return planes
-
-
-def walked_axes(mask: np.ndarray, axis: int) -> set[int]:
-    """The slicing axes the structures of ``mask`` (one label value each) are walked across:
-    ``axis``, and any other plane one of them was also painted on."""
-    mask = _integer_painting(mask)
-    return {a for label in painted_labels(mask) for a in painted_planes(mask == label, axis)}
-
-
-def _slices_holding(binary: np.ndarray, axis: int) -> list[int]:
-    return [int(z) for z in np.flatnonzero(np.moveaxis(binary, axis, 0).reshape(binary.shape[axis], -1).any(axis=1))]
-
-
 def _agreeing(results: list[PropagationResult], painted: np.ndarray) -> np.ndarray:
     """One mask from walks across different planes: where several walks reached (their slice
     ranges), a voxel is kept only if all of them kept it; where one reached, it decides; the
@@ -470,8 +225,8 @@ def _combined(results: list[PropagationResult], painted: np.ndarray, axis: int, 
     if within is not None:
         between = np.zeros(mask.shape[axis], bool)
         between[within[0]:within[1] + 1] = True
-        mask = _in_slices(mask, axis, between) | painted
-    on_slices = _slices_holding(mask, axis)
+        mask = in_slices(mask, axis, between) | painted
+    on_slices = slices_holding(mask, axis)
     return replace(results[0], mask=mask, confidence=confidence_along(results, mask, axis),
                    slice_range=(on_slices[0], on_slices[-1]) if on_slices else None, planes=planes,
                    seconds_features=sum(r.seconds_features for r in results),
@@ -545,7 +300,7 @@ class SliceScorer:
         """Slice z's probability; slices z + step, z + 2 step, ... (short of ``until``) are scored
         with it, since the walk will ask for them next."""
         if z not in self._cache:
-            _check_cancel(self.cancel)
+            check_cancel(self.cancel)
             chosen = self.supports(z)
             reach = z + step * self.ahead
             stop = reach if until is None else (max if step < 0 else min)(until, reach)
@@ -765,29 +520,6 @@ def _check_axis_spacing(axis: int, spacing: tuple[float, float, float]) -> int:
     return axis % 3
 
 
-def volume_features(model: Model, slices: np.ndarray, spacing_hw: tuple[float, float], modality: str,
-                     cache: FeatureCache | None, mirrored: bool = False) -> tuple[VolumeFeatures, float]:
-    """The features of (S, H, W) slices (and of the mirrored slices when ``mirrored``), from the
-    cache when it has them; slices are embedded only when first asked for. Returns them and the
-    seconds already spent on them (0 when new), so that a run can tell what it spent itself."""
-    key = FeatureCache.key(model, slices, spacing_hw, modality) if cache is not None else None
-    feats = cache.get(key) if cache is not None else None
-    spent = _embedding_seconds(feats) if feats is not None else 0.0
-    if feats is None:
-        feats = VolumeFeatures.of(model, slices, spacing_hw, modality)
-        if cache is not None:
-            cache.put(key, feats)
-    if mirrored and feats.mirrored is None:
-        # The same modality as the plain slices: the mirror must not change how they are normalised.
-        feats.mirrored = VolumeFeatures.of(model, np.ascontiguousarray(slices[:, ::-1]), spacing_hw, feats.modality)
-    return feats, spent
-
-
-def _embedding_seconds(feats: VolumeFeatures) -> float:
-    """Backbone seconds spent on a volume so far, its mirrored slices included."""
-    return feats.seconds + (feats.mirrored.seconds if feats.mirrored is not None else 0.0)
-
-
 def _grid_masks(mask: np.ndarray, slices: list[int], feats: VolumeFeatures) -> dict[int, torch.Tensor]:
     """Soft masks of the given slices on the model grid."""
     grid = resize_slices(torch.from_numpy(mask[slices].astype(np.float32)), feats.grid_size)
@@ -852,8 +584,8 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     """
     options = options or model.default_options()
     volume, painted, axis = _check_inputs(volume, painted, spacing, axis)
-    binary, label = _painted_binary(painted, label)
-    _check_painting_axis(binary, axis)
+    binary, label = painted_binary(painted, label)
+    check_painting_axis(binary, axis)
     planes = painted_planes(binary, axis)
     if len(planes) == 1:
         return _propagate_across(volume, binary, model, spacing, axis, options, modality, cache, progress, cancel,
@@ -861,7 +593,7 @@ def propagate(volume: np.ndarray, painted: np.ndarray, model: Model,
     # Painted on several planes: each plane's painting walked across its own axis, then combined.
     # "Only between the painted slices" bounds the slicing axis; the other planes walk freely.
     free = replace(options, between_painted_only=False)
-    results = [_propagate_across(volume, _on_slices(binary, a, zs), model, spacing, a,
+    results = [_propagate_across(volume, on_slices(binary, a, zs), model, spacing, a,
                                  options if a == axis else free, modality, cache, progress, cancel, affine)
                for a, zs in planes.items()]
     within = (planes[axis][0], planes[axis][-1]) if options.between_painted_only else None
@@ -893,7 +625,7 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
         else options.threshold
     out, confidence = _render(scorer, region, feats, threshold, n_slices)
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
-    seconds = _embedding_seconds(feats) - spent
+    seconds = embedding_seconds(feats) - spent
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=seconds, seconds_head=time.perf_counter() - start - seconds,
@@ -916,7 +648,7 @@ def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,
     voxels keep their painted label. Returns the label volume (``painted``'s values,
     ``volume``'s shape) and each label's result.
     """
-    painted = _integer_painting(painted)
+    painted = integer_painting(painted)
     cache = cache if cache is not None else FeatureCache(max_volumes=3)  # one per slicing axis walked
     labels = painted_labels(painted)
     if isinstance(axis, dict):
@@ -1044,10 +776,10 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
                                                        "support image", "support mask")
     query_volume = check_volume(query_volume, "query image")
     _check_axis_spacing(axis, query_spacing)
-    binary, label = _painted_binary(support_mask, label)
+    binary, label = painted_binary(support_mask, label)
     planes = painted_planes(binary, axis)
     if len(planes) > 1:  # painted on several planes: found and walked across each, combined as propagate does
-        results = [segment_like(support_volume, _on_slices(binary, a, zs), query_volume, model, support_spacing,
+        results = [segment_like(support_volume, on_slices(binary, a, zs), query_volume, model, support_spacing,
                                 query_spacing, a, None, options, modality, cache, progress, cancel, support_affine,
                                 query_affine) for a, zs in planes.items()]
         return _combined(results, np.zeros(query_volume.shape, bool), axis, planes)
@@ -1127,9 +859,9 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
                 region = _walk(scorer, n, seeds, (0, n - 1), walk_options, q_pixel)
                 found_at = query_centres
         out, confidence = _render(scorer, region, q_feats, threshold, n)
-    seconds = _embedding_seconds(q_feats) - q_spent  # both scans' backbone time in this call
+    seconds = embedding_seconds(q_feats) - q_spent  # both scans' backbone time in this call
     if s_feats is not q_feats:
-        seconds += _embedding_seconds(s_feats) - s_spent
+        seconds += embedding_seconds(s_feats) - s_spent
     return PropagationResult(mask=np.moveaxis(query_view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=[], seconds_features=seconds,
                              seconds_head=time.perf_counter() - start - seconds, reused_features=seconds == 0,
@@ -1149,7 +881,7 @@ def segment_like_labels(support_volume: np.ndarray, support_mask: np.ndarray, qu
     Returns the query's label volume (the support's values; a voxel two structures claim goes to
     the one more confident on that slice) and each label's result.
     """
-    support_mask = _integer_painting(support_mask)
+    support_mask = integer_painting(support_mask)
     needed = 2 * len(walked_axes(support_mask, axis % 3))  # support and query, per plane walked
     if cache is None or cache.max_volumes < needed:  # ... must all stay for every label
         cache = FeatureCache(max_volumes=needed)

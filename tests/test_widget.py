@@ -108,7 +108,7 @@ def test_widget_propagates_the_painted_liver(viewer_with_sample):
 
 
 def test_the_walk_shows_a_busy_bar_and_a_count_then_the_bar_resets(viewer_with_sample):
-    viewer, widget = viewer_with_sample
+    _viewer, widget = viewer_with_sample
     seen = []  # connected after the widget's own slot: the bar and status as each report left them
     widget._relay.progressed.connect(lambda run, done, total, stage: seen.append(
         (done, total, widget._progress.max, widget._status.value)))

@@ -1,0 +1,146 @@
+"""What a painting says: which labels, on which slices of which planes, across which axis.
+
+Plain numpy on the user's mask, before any model runs; bad paintings get a message that says
+what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+from .errors import DenseMPError
+
+
+def integer_painting(painted: np.ndarray) -> np.ndarray:
+    """Label values as integers (masks saved as floats are rounded); NaN or inf is named."""
+    painted = np.asarray(painted)
+    if not (np.issubdtype(painted.dtype, np.integer) or painted.dtype == bool):
+        if np.issubdtype(painted.dtype, np.floating) and not np.isfinite(painted).all():
+            raise DenseMPError("The painted mask holds NaN or infinite values.")
+        painted = np.rint(painted).astype(np.int64)
+    return painted
+
+
+def painted_labels(painted: np.ndarray) -> list[int]:
+    """The label values painted (non-zero), sorted; an error when nothing is painted."""
+    painted = integer_painting(painted)
+    values = np.unique(painted[painted != 0])  # painted voxels are few: sort only those
+    if values.size == 0:
+        raise DenseMPError("The painted mask has no painted voxel: paint the structure on at least one slice.")
+    return [int(v) for v in values]
+
+
+def painted_binary(painted: np.ndarray, label: int | None) -> tuple[np.ndarray, int]:
+    painted = integer_painting(painted)
+    values = painted_labels(painted)
+    if label is None:
+        if len(values) > 1:
+            raise DenseMPError(f"Several label values are painted ({', '.join(map(str, values[:8]))}); "
+                               f"choose the one to propagate (label).")
+        label = values[0]
+    elif label not in values:
+        raise DenseMPError(f"Label {label} is not painted; painted values: {', '.join(map(str, values[:8]))}.")
+    return painted == label, int(label)
+
+
+def _painted_slice_counts(binary: np.ndarray) -> list[int]:
+    """How many slices along each axis hold painted voxels."""
+    return [int(binary.any(axis=tuple(a for a in range(3) if a != k)).sum()) for k in range(3)]
+
+
+PLANE_NORMALS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the world (RAS) axis that each plane's slices cross
+
+
+def plane_axis(affine: np.ndarray, plane: Literal["axial", "coronal", "sagittal"] = "axial") -> int:
+    """The stored array axis whose slices are closest to ``plane`` for a scan stored as ``affine``
+    says (axial: the axis that runs head to foot)."""
+    if plane not in PLANE_NORMALS:
+        raise DenseMPError(f"plane must be one of {', '.join(PLANE_NORMALS)}; got {plane!r}.")
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    return int(np.flatnonzero(ornt[:, 0] == PLANE_NORMALS[plane])[0])
+
+
+def painting_axis(painted: np.ndarray, default: int = 2, affine: np.ndarray | None = None) -> int:
+    """The slicing axis a painting was made across, so a painting made on a coronal view of an
+    axial scan needs no option: the one axis along which it lies in a single slice, or in a few
+    slices (at most a quarter as many as along any other axis); else (a 3D mask), with the
+    scan's affine, its axial axis, the plane the models were trained on; else ``default``."""
+    counts = _painted_slice_counts(np.asarray(painted) != 0)
+    single = [k for k in range(3) if counts[k] == 1]
+    if len(single) == 1:
+        return single[0]
+    fewest, *others = np.argsort(counts, kind="stable")
+    if all(4 * counts[fewest] <= counts[k] for k in others):
+        return int(fewest)
+    return plane_axis(affine) if affine is not None and np.isfinite(affine).all() else default
+
+
+def check_painting_axis(binary: np.ndarray, axis: int) -> None:
+    """A painting that lies in one plane across ``axis``, or covers areas only of slices across
+    another axis, was made on that axis' slices."""
+    counts = _painted_slice_counts(binary)
+    flat = [k for k in range(3) if k != axis and counts[k] == 1]
+    if counts[axis] > 2 and flat:
+        raise DenseMPError(f"The painting lies in a single slice along axis {flat[0]} but spans {counts[axis]} "
+                           f"slices along the slicing axis {axis}: it was painted on a slice of axis {flat[0]}. "
+                           f"Set the slicing axis to {flat[0]}.")
+    if counts[axis] > 2 and not _area_slices(binary, axis).any():
+        other = next((k for k in range(3) if k != axis and _area_slices(binary, k).any()), None)
+        if other is not None:
+            raise DenseMPError(f"The painting covers areas only on slices of axis {other}; across the slicing axis "
+                               f"{axis} it leaves lines on {counts[axis]} slices: it was painted on slices of axis "
+                               f"{other}. Set the slicing axis to {other}.")
+
+
+def _area_slices(binary: np.ndarray, axis: int) -> np.ndarray:
+    """Which slices across ``axis`` were painted on: their painting covers an area (a 2 x 2
+    block), not only the lines a painting made on another plane leaves in them."""
+    moved = np.moveaxis(binary, axis, 0)
+    block = moved[:, :-1, :-1] & moved[:, 1:, :-1] & moved[:, :-1, 1:] & moved[:, 1:, 1:]
+    return block.reshape(len(block), -1).any(axis=1)
+
+
+def in_slices(binary: np.ndarray, axis: int, chosen: np.ndarray) -> np.ndarray:
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return binary & chosen.reshape(shape)
+
+
+def on_slices(binary: np.ndarray, axis: int, slices: list[int]) -> np.ndarray:
+    """The painting on the given slices across ``axis`` only (one plane's painting)."""
+    return in_slices(binary, axis, np.isin(np.arange(binary.shape[axis]), slices))
+
+
+def painted_planes(binary: np.ndarray, axis: int) -> dict[int, list[int]]:
+    """The planes a structure was painted on, {axis: slices}, the slicing axis first: one entry
+    unless the painting also covers areas of slices across other axes (a correction painted on a
+    coronal view of an axial painting), which then cover the rest of it."""
+    own = _area_slices(binary, axis)
+    rest = binary & ~in_slices(binary, axis, own)
+    if not own.any() or not rest.any():
+        return {axis: slices_holding(binary, axis)}
+    planes = {axis: [int(z) for z in np.flatnonzero(own)]}
+    for other in (a for a in range(3) if a != axis):
+        if not rest.any():
+            break
+        chosen = _area_slices(rest, other)
+        if chosen.any():
+            planes[other] = [int(z) for z in np.flatnonzero(chosen)]
+            rest &= ~in_slices(rest, other, chosen)
+    if rest.any():  # lines or dots off every painted plane: walked across the slicing axis as painted
+        return {axis: slices_holding(binary, axis)}
+    return planes
+
+
+def walked_axes(mask: np.ndarray, axis: int) -> set[int]:
+    """The slicing axes the structures of ``mask`` (one label value each) are walked across:
+    ``axis``, and any other plane one of them was also painted on."""
+    mask = integer_painting(mask)
+    return {a for label in painted_labels(mask) for a in painted_planes(mask == label, axis)}
+
+
+def slices_holding(binary: np.ndarray, axis: int) -> list[int]:
+    return [int(z) for z in np.flatnonzero(np.moveaxis(binary, axis, 0).reshape(binary.shape[axis], -1).any(axis=1))]
