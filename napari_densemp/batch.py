@@ -134,8 +134,9 @@ def segment_scan(support: Support, query: Scan, model: Model, axis: int = 2,
 
     The query is brought into the support's orientation first (its position priors and the
     support's slices then agree on which way is which); the engine shows both to the model in
-    its training orientation. ``modality`` is both scans' ("auto": each detected). Returns the mask (0/1 for one
-    structure, the support's label values for several) and each structure's result.
+    its training orientation. ``modality`` is both scans' ("auto": each detected). Returns the
+    mask (0/1 for one structure, the support's label values for several) and each structure's
+    result.
     """
     volume, affine, back = _to_orientation(query.data, query.affine, support.scan.affine)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
