@@ -88,14 +88,19 @@ def stored_hu_offset(volume: np.ndarray) -> float:
     """1024 when a CT holds Hounsfield units + 1024 (stored unsigned without its rescale
     intercept, as OpenKBP and some converters do), else 0.
 
-    A CT in HU has air below -500; such a scan has none there, but its air at about 0 (-1024 HU
-    shifted) and a body of at least 2% of the voxels above 824 (-200 HU shifted). Only asked of
-    scans known to be CT: a 12-bit MRI can look the same.
+    A CT in HU has air below -500. Such a scan has none there, but its air at about 0 (-1024 HU
+    shifted) and its fat and soft tissue at 824-1224 (-200 to 200 HU shifted): at least 2% of
+    the voxels, and 3 times as many as at 300-800, where little lies (lung). A scan in HU cropped
+    inside the body has soft tissue at about 0 too, but what it has at 824-1224 is cortical bone,
+    with more trabecular bone below it. Only asked of scans known to be CT: a 12-bit MRI can
+    look the same.
     """
     sample = np.asarray(volume[:: max(1, volume.shape[0] // 16)], dtype=np.float32)
     air = float(np.percentile(sample, 1.0))
-    body = float((sample >= HU_STORAGE_OFFSET - 200.0).mean())
-    return HU_STORAGE_OFFSET if abs(air) <= 200.0 and body >= 0.02 else 0.0
+    tissue = float(((sample >= HU_STORAGE_OFFSET - 200.0) & (sample <= HU_STORAGE_OFFSET + 200.0)).mean())
+    between = float(((sample >= 300.0) & (sample < HU_STORAGE_OFFSET - 224.0)).mean())
+    shifted = abs(air) <= 200.0 and tissue >= 0.02 and tissue >= 3.0 * between
+    return HU_STORAGE_OFFSET if shifted else 0.0
 
 
 def reading(volume: np.ndarray, modality: Modality) -> str:

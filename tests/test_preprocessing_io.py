@@ -55,6 +55,12 @@ def test_a_ct_stored_as_hu_plus_1024_is_windowed_as_hu(ct_phantom, mri_phantom):
     x, y, z = (np.flatnonzero(ct_phantom.label.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
     inside = hu[x[0]:x[-1] + 1, y[0]:y[-1] + 1, z[0]:z[-1] + 1]  # the organs' box: soft tissue, no air
     assert np.percentile(inside, 1) > -500 and stored_hu_offset(inside) == 0
+    spine = inside.copy()  # and one holding bone: a cortical shell (1000 HU) around trabecular bone (400 HU)
+    yy, xx = np.mgrid[:spine.shape[0], :spine.shape[1]]
+    radius = np.hypot(yy - spine.shape[0] / 2, xx - spine.shape[1] / 2)
+    spine[radius < 0.3 * min(spine.shape[:2])] = 400.0
+    spine[(radius >= 0.3 * min(spine.shape[:2])) & (radius < 0.36 * min(spine.shape[:2]))] = 1000.0
+    assert (spine >= 824).mean() > 0.02 and stored_hu_offset(spine) == 0
     assert detect_modality(shifted) == "mri"
     assert (reading(hu, "ct"), reading(shifted, "ct"), reading(mri_phantom.image, "mri")) == (
         "CT", "CT stored as HU + 1024", "MRI")
