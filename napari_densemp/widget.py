@@ -115,6 +115,9 @@ class OneShotWidget(Container):
         self.viewer = viewer
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._painted = create_widget(annotation="napari.layers.Labels", label="painted")
+        self._new_painting = PushButton(text="New painting layer",
+                                        tooltip="An empty labels layer on the image's grid, ready to paint "
+                                                "with label 1.")
         self._label = SpinBox(value=0, min=0, max=2**31 - 1, label="label (0: all)",
                               tooltip="The painted value to propagate; 0: every structure painted, "
                                       "into one layer.")
@@ -153,11 +156,10 @@ class OneShotWidget(Container):
         self._scans_dir = FileEdit(label="scans folder", mode="d")
         self._results_dir = FileEdit(label="results folder", mode="d")
         self._segment_folder = PushButton(text="Segment folder")
-        self.extend([self._image, self._painted, self._label, self._target, self._model, self._checkpoint,
-                     self._device, self._modality, self._axis, self._between, self._mirror, self._propagate,
-                     self._cancel, self._undo,
-                     self._progress, self._status, self._slice_info, self._many_title, self._open_images,
-                     self._scans_dir, self._results_dir, self._segment_folder])
+        self.extend([self._image, self._painted, self._new_painting, self._label, self._target, self._model,
+                     self._checkpoint, self._device, self._modality, self._axis, self._between, self._mirror,
+                     self._propagate, self._cancel, self._undo, self._progress, self._status, self._slice_info,
+                     self._many_title, self._open_images, self._scans_dir, self._results_dir, self._segment_folder])
 
         self._models: dict[tuple[str, str], Any] = {}
         self._feature_cache = None  # created with the engine on first use (torch loads lazily)
@@ -172,6 +174,7 @@ class OneShotWidget(Container):
         self._relay.progressed.connect(self._on_progress)
 
         self._model.changed.connect(lambda v: setattr(self._checkpoint, "visible", v == FILE_MODEL_CHOICE))
+        self._new_painting.changed.connect(self.new_painting_layer)
         self._propagate.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         self._undo.changed.connect(self.undo)
@@ -180,6 +183,27 @@ class OneShotWidget(Container):
         self.viewer.dims.events.current_step.connect(self._show_slice_info)
 
     # ------------------------------------------------------------------ inputs
+    def new_painting_layer(self) -> None:
+        """An empty labels layer on the chosen image's grid (its scale, position and stored
+        geometry), chosen as the painting and left in paint mode with label 1. Never replaces a
+        layer: napari numbers a repeated name."""
+        from napari.layers import Labels
+
+        image = self._image.value
+        if image is None or image.ndim != 3 or getattr(image, "rgb", False):
+            self._notify_error("Choose a 3D image layer first; the painting layer takes its grid.")
+            return
+        metadata = {k: v for k, v in image.metadata.items() if k == METADATA_KEY}
+        layer = Labels(np.zeros(image.data.shape, dtype=np.uint8), name=f"{image.name} painted", scale=image.scale,
+                       translate=image.translate, metadata=metadata, opacity=0.7)
+        self.viewer.add_layer(layer)
+        self.reset_choices()
+        self._painted.value = layer
+        self.viewer.layers.selection.active = layer
+        layer.selected_label = 1
+        layer.mode = "paint"
+        self._status.value = "Paint the structure on one slice, then press Propagate."
+
     def _target_choices(self, _widget=None) -> list:
         layers = [] if not hasattr(self, "viewer") else [
             layer for layer in self.viewer.layers

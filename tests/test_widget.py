@@ -9,7 +9,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from napari_densemp.engine import SliceScorer, load_model, propagate_labels
-from napari_densemp.io import Geometry
+from napari_densemp.io import METADATA_KEY, Geometry
 from napari_densemp.napari_io import phantom_ct_sample
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, make_phantom
 
@@ -105,6 +105,28 @@ def test_widget_propagates_the_painted_liver(viewer_with_sample):
     shown = next(z for z in range(first, last + 1) if not painted_before[z].any())
     viewer.dims.set_current_step(0, shown)
     assert widget._slice_info.value.startswith(f"slice {shown}: confidence 0.")
+
+
+def test_a_new_painting_layer_takes_the_images_grid_and_is_ready_to_paint(viewer_with_sample):
+    viewer, widget = viewer_with_sample
+    image, before = viewer.layers["phantom CT"], viewer.layers["liver painted"].data.copy()
+    for name in ("phantom CT painted", "phantom CT painted [1]"):  # a second press adds another layer
+        widget._new_painting.changed.emit(True)
+        layer = viewer.layers[name]
+        assert layer.data.shape == image.data.shape and not layer.data.any()
+        np.testing.assert_array_equal(layer.scale, image.scale)
+        np.testing.assert_array_equal(layer.translate, image.translate)
+        assert layer.metadata[METADATA_KEY] == image.metadata[METADATA_KEY]  # saved on the scan's grid
+        assert widget._painted.value is layer and viewer.layers.selection.active is layer
+        assert (layer.mode, layer.selected_label) == ("paint", 1)
+    np.testing.assert_array_equal(viewer.layers["liver painted"].data, before)  # nothing else touched
+    truth = _truth_on_display_grid(viewer)
+    z = int(truth.sum(axis=(1, 2)).argmax())
+    data = layer.data.copy()
+    data[z][truth[z]] = 1
+    layer.data = data
+    _run(widget)
+    assert dice(viewer.layers["phantom CT 1 propagated"].data == 1, truth) > 0.75
 
 
 def test_the_walk_shows_a_busy_bar_and_a_count_then_the_bar_resets(viewer_with_sample):
