@@ -103,11 +103,15 @@ def stored_hu_offset(volume: np.ndarray) -> float:
     return HU_STORAGE_OFFSET if shifted else 0.0
 
 
+MRI_OR_SHIFTED_CT = "MRI (if it is a CT stored as HU + 1024, choose CT)"
+
+
 def reading(volume: np.ndarray, modality: Modality) -> str:
-    """How a scan's intensities are read, in words for the user: "CT", "CT stored as HU + 1024"
-    or "MRI" (a CT read as MRI is then visible)."""
+    """How a scan's intensities are read, in words for the user: "CT", "CT stored as HU + 1024",
+    "MRI", or, for an MRI whose values would also fit a CT stored as HU + 1024 (auto-detection
+    cannot tell them apart), "MRI" with a hint to choose CT if it is one."""
     if modality == "mri":
-        return "MRI"
+        return MRI_OR_SHIFTED_CT if stored_hu_offset(volume) else "MRI"
     return "CT stored as HU + 1024" if stored_hu_offset(volume) else "CT"
 
 

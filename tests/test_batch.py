@@ -214,7 +214,8 @@ def test_a_folder_run_reads_scans_as_told_and_says_how(folder, tmp_path):
     source = read_nifti(root / "scans" / "a.nii.gz")
     write_nifti(scans / "a.nii.gz", np.rint(source.data) + 1024, source.affine)  # HU + 1024
     support = ["--support-image", str(root / "support.nii.gz"), "--support-mask", str(root / "support_painted.nii.gz")]
-    for extra, read_as in (([], "MRI"), (["--modality", "ct"], "CT stored as HU + 1024")):
+    for extra, read_as in (([], "MRI (if it is a CT stored as HU + 1024, choose CT)"),
+                           (["--modality", "ct"], "CT stored as HU + 1024")):
         out = tmp_path / f"out{len(extra)}"
         assert segment_main([*support, "--scans", str(scans), "--out", str(out), *extra]) == 0
         with open(out / "summary.csv") as f:

@@ -61,8 +61,8 @@ def test_segments_with_exact_geometry(files, phantom, capsys):
 
 
 def test_a_ct_stored_as_hu_plus_1024_gives_the_hu_mask_when_said_to_be_ct(files, phantom, capsys):
-    """Auto reads a CT stored as HU + 1024 as MRI (and says so); ``--modality ct`` reads it as
-    the HU scan it is: the same mask, voxel for voxel."""
+    """Auto reads a CT stored as HU + 1024 as MRI (and says so, with the hint); ``--modality ct``
+    reads it as the HU scan it is: the same mask, voxel for voxel."""
     folder, image, painted, affine = files
     stored = write_nifti(folder / "ct_plus_1024.nii.gz", phantom.image.astype(np.int16) + np.int16(1024), affine)
     masks, printed = {}, {}
@@ -72,7 +72,7 @@ def test_a_ct_stored_as_hu_plus_1024_gives_the_hu_mask_when_said_to_be_ct(files,
         masks[name], printed[name] = read_nifti(out).data, capsys.readouterr().out
     np.testing.assert_array_equal(masks["ct"], masks["hu"])
     assert "read as CT, " in printed["hu"] and "read as CT stored as HU + 1024, " in printed["ct"]
-    assert "read as MRI, " in printed["auto"]
+    assert "read as MRI (if it is a CT stored as HU + 1024, choose CT), " in printed["auto"]
 
 
 def test_axis_follows_a_painting_made_on_another_plane(files, phantom, capsys):

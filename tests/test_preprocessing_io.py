@@ -64,6 +64,7 @@ def test_a_ct_stored_as_hu_plus_1024_is_windowed_as_hu(ct_phantom, mri_phantom):
     assert detect_modality(shifted) == "mri"
     assert (reading(hu, "ct"), reading(shifted, "ct"), reading(mri_phantom.image, "mri")) == (
         "CT", "CT stored as HU + 1024", "MRI")
+    assert reading(shifted, "mri") == "MRI (if it is a CT stored as HU + 1024, choose CT)"  # auto's reading
 
 
 def test_grid_size_follows_training_spacing_within_bounds():
