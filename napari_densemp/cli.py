@@ -74,7 +74,7 @@ def _progress_bar():
         if bar is None or bar.total != total or done < bar.n:  # a new stage, or the same stage on another volume
             for other in bars.values():
                 other.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="slice", leave=False)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=" slices", leave=False)
         bar.update(done - bar.n)
 
     def close() -> None:
