@@ -181,7 +181,7 @@ def run_folder(args: argparse.Namespace) -> int:
     if not scans:
         raise DenseMPError(f"No NIfTI file or DICOM folder matching {args.pattern!r} in {args.scans}.")
     model = load_model(args.model, args.device)
-    bar = tqdm(total=len(scans), unit="scan", desc="segmenting")
+    bar = tqdm(total=len(scans), unit=" scans", desc="segmenting")
 
     def done(rows) -> None:
         row = rows[0]
