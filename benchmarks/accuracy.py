@@ -10,6 +10,7 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --plane coronal
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --slice-mm 1.25
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --as-stored --modality ct
+    python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --paint-at 0.25
 
 ``--plane coronal`` (or sagittal) paints and walks that plane's slices instead of the axial ones,
 as a user painting on a coronal view does; ``--plane axial+coronal`` paints the largest slice of
@@ -44,9 +45,16 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else 1.0
 
 
-def paint_largest_slice(truth: np.ndarray, axis: int = 2) -> tuple[np.ndarray, int]:
+def paint_largest_slice(truth: np.ndarray, axis: int = 2, at: float | None = None) -> tuple[np.ndarray, int]:
+    """The organ on its slice of largest area across ``axis``, or, with ``at``, on the slice that
+    lies that far through its extent (0: its first slice, 1: its last), as a user who paints
+    near an end would."""
     areas = truth.sum(axis=tuple(i for i in range(3) if i != axis))
-    z = int(areas.argmax())
+    if at is None:
+        z = int(areas.argmax())
+    else:
+        holding = np.flatnonzero(areas)
+        z = int(holding[round(at * (len(holding) - 1))])
     painted = np.zeros_like(truth)
     index = [slice(None)] * 3
     index[axis] = z
@@ -82,16 +90,16 @@ def copy_baselines(truth: np.ndarray, z: int, axis: int = 2) -> tuple[float, flo
 
 
 def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, model, options: PropagationOptions,
-                    cache: FeatureCache, plane: str = "axial",
-                    modality: str = "auto") -> tuple[float, float, float, str, str, float]:
+                    cache: FeatureCache, plane: str = "axial", modality: str = "auto",
+                    at: float | None = None) -> tuple[float, float, float, str, str, float]:
     """Paint ``truth``'s ``plane`` slice of largest area, propagate across that plane, and score
     the whole volume: (Dice, copy-all Dice, copy-z Dice, range found, true range, seconds).
     Planes joined by "+" (axial+coronal) paint the largest slice of each, as one painting."""
     first, *more = plane.split("+")
     axis = plane_axis(affine, first)
-    painted, z = paint_largest_slice(truth, axis)
+    painted, z = paint_largest_slice(truth, axis, at)
     for other in more:
-        painted |= paint_largest_slice(truth, plane_axis(affine, other))[0]
+        painted |= paint_largest_slice(truth, plane_axis(affine, other), at)[0]
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     start = time.perf_counter()
     result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=axis, options=options,
@@ -150,7 +158,8 @@ def resliced(volume: np.ndarray, label: np.ndarray, affine: np.ndarray, slice_mm
 
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
                      organs: list[int] | None = None, view: str = "stored", plane: str = "axial",
-                     slice_mm: float | None = None, as_stored: bool = False, modality: str = "auto"):
+                     slice_mm: float | None = None, as_stored: bool = False, modality: str = "auto",
+                     at: float | None = None):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
     range, seconds), painting the organ's ``plane`` slice of largest area and scoring the whole
     volume, with the scans stored as ``view`` says (see VIEWS). ``as_stored`` gives the engine
@@ -169,7 +178,7 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
             truth = label == organ
             if truth.any():
                 yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache, plane,
-                                                            modality))
+                                                            modality, at))
 
 
 def mni152_scores(model, options: PropagationOptions, plane: str = "axial"):
@@ -190,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder of scans with labels")
     parser.add_argument("--phantoms", type=int, default=0, help="score N CT and N MRI phantoms instead")
+    parser.add_argument("--first-seed", type=int, default=100,
+                        help="phantom seeds from this (CT) and this + 100 (MRI); 100: the benchmark's")
     parser.add_argument("--mni152", action="store_true", help="score brain structures of nilearn's MNI152 T1 instead")
     parser.add_argument("--organs", type=int, nargs="*", help="label values (default: all present)")
     parser.add_argument("--split", default="held-out", choices=["held-out", "seen", "all"])
@@ -209,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="intensities as the files store them (OpenKBP: HU + 1024), not converted to HU")
     parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"],
                         help="as densemp-segment --modality")
+    parser.add_argument("--paint-at", type=float, metavar="FRACTION",
+                        help="paint the slice this far through the organ's extent (0: first, 1: last) instead "
+                             "of its largest")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -220,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.mni152:
         scores = mni152_scores(model, options, args.plane)
     else:
-        scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans),
+        scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, args.first_seed,
+                                               args.scans),
                                   model, options, args.organs, args.view, args.plane, args.slice_mm, args.as_stored,
-                                  args.modality)
+                                  args.modality, args.paint_at)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
           f"plane {args.plane}; slices {args.slice_mm or 'stored'} mm; "
           f"intensities {'as stored' if args.as_stored else 'in HU'}, modality {args.modality}; "
+          f"painted {'largest slice' if args.paint_at is None else f'at {args.paint_at} of the extent'}; "
           f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []

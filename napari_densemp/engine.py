@@ -138,6 +138,10 @@ class PropagationOptions:
     neighbour_margin_mm: float = 10.0  # kept components must touch the previous mask grown by this
     clip_to_neighbour: bool = True  # and are cut to it: adjacent organs cannot leak in
     max_growth: float = 1.2  # a region larger than this x the previous slice's ends the structure
+    # ... unless, while the structure has only widened since the painted slice, it is no larger
+    # than the previous region grown by this: painted near its end, an organ widens fast and its
+    # own growth must not stop the walk (once it narrows, the ratio alone); 0: the ratio alone
+    growth_margin_mm: float = 5.0
     min_area_mm2: float = 10.0  # a smaller region ends the structure
     min_confidence: float = 0.8  # a region whose mean foreground probability is lower ends it
     between_painted_only: bool = False  # segment only between the first and last painted slice
@@ -397,6 +401,13 @@ def _kept(prob: np.ndarray, previous: np.ndarray, options: PropagationOptions,
     return kept
 
 
+def _ring_area(previous: np.ndarray, options: PropagationOptions, pixel_mm: tuple[float, float]) -> float:
+    """Area (mm²) of ``previous`` grown by ``options.growth_margin_mm``; 0 when that is 0."""
+    if options.growth_margin_mm <= 0:
+        return 0.0
+    return float(_near(previous, options.growth_margin_mm, pixel_mm).sum()) * pixel_mm[0] * pixel_mm[1]
+
+
 def _walk(prob: Scorer, n: int, painted: dict[int, np.ndarray],
           limits: tuple[int, int], options: PropagationOptions,
           pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
@@ -422,17 +433,22 @@ def _walk(prob: Scorer, n: int, painted: dict[int, np.ndarray],
             # small or thin structures come out wider than painted at stride 8.
             previous_area = _kept(prob(p, step, end), previous, options, pixel_mm).sum() * pixel_area
             previous_area = previous_area or previous.sum() * pixel_area
+            widening = True  # no slice of this walk has been smaller than the one before it
             z = p + step
             while z != end and 0 <= z < n:
                 kept = _kept(prob(z, step, end), previous, options, pixel_mm)
                 area = kept.sum() * pixel_area
                 if area == 0 or area < options.min_area_mm2:
                     break
-                if area > options.max_growth * previous_area:
+                limit = options.max_growth * previous_area
+                if widening:
+                    limit = max(limit, _ring_area(previous, options, pixel_mm))
+                if area > limit:
                     break
                 if prob(z, step, end)[kept].mean() < options.min_confidence:
                     break
                 region[z] = region[z] | kept if z in region else kept
+                widening = widening and area >= previous_area
                 previous, previous_area = kept, area
                 z += step
     return region

@@ -68,3 +68,17 @@ def test_reslicing_keeps_every_slice_at_its_world_position(slice_mm):
     assert np.allclose(new_volume[0, inside, 0], new_z[inside], atol=1e-4)
     nearest = np.floor((new_z - z_world[0]) / 2.5 + 0.5 + 1e-9).astype(int)  # halfway (8.5): the next
     assert (new_label[0, :, 0] == label[0, nearest, 0]).all() and 0 < new_label.mean() < 1
+
+
+def test_the_painted_slice_is_the_largest_or_the_one_that_far_through_the_organ():
+    """accuracy.py --paint-at: 0 paints the organ's first slice, 1 its last, 0.5 its middle one."""
+    import accuracy
+
+    truth = np.zeros((8, 8, 12), bool)
+    for z, r in zip(range(2, 11), [1, 2, 3, 3, 2, 1, 1, 1, 1]):
+        truth[4 - r:4 + r, 4 - r:4 + r, z] = True
+    picked = {at: accuracy.paint_largest_slice(truth, 2, at) for at in (None, 0.0, 0.5, 1.0)}
+    assert {at: z for at, (_, z) in picked.items()} == {None: 4, 0.0: 2, 0.5: 6, 1.0: 10}
+    for painted, z in picked.values():
+        np.testing.assert_array_equal(painted[..., z], truth[..., z])
+        assert painted.sum() == truth[..., z].sum()
