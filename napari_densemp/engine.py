@@ -440,10 +440,8 @@ def _walk(prob: Scorer, n: int, painted: dict[int, np.ndarray],
                 area = kept.sum() * pixel_area
                 if area == 0 or area < options.min_area_mm2:
                     break
-                limit = options.max_growth * previous_area
-                if widening:
-                    limit = max(limit, _ring_area(previous, options, pixel_mm))
-                if area > limit:
+                if area > options.max_growth * previous_area and not (
+                        widening and area <= _ring_area(previous, options, pixel_mm)):  # the ring only when needed
                     break
                 if prob(z, step, end)[kept].mean() < options.min_confidence:
                     break
