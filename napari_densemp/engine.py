@@ -155,6 +155,9 @@ class PropagationOptions:
     search_step_mm: float = 5.0
     support_chunks: int = 3  # supports taken from a 3D support mask (the paper uses 3)
     calibrate_threshold: bool = True  # output threshold: the one that best redraws the painting on its slice
+    # Holes inside a drawn slice are filled, unless the painting has holes of its own (more than
+    # 1% of its area: a ring-shaped structure, or vessels the user left out) that must be kept.
+    fill_holes: bool = True
     # Also score the slices mirrored along their first in-plane axis (left-right on axial and coronal
     # slices) and average: the result no longer depends on how a scanner stored left and right, for
     # twice the backbone's time.
@@ -550,9 +553,21 @@ def _pixel_mm(spacing_hw: tuple[float, float], feats: VolumeFeatures) -> tuple[f
     return tuple(s * n / g for s, n, g in zip(spacing_hw, feats.native_size, feats.grid_size))
 
 
+def has_holes(painted: np.ndarray, share: float = 0.01) -> bool:
+    """Whether any painted slice (first axis) encloses unpainted holes of more than ``share`` of
+    its area: the structure is ring-shaped, or the user left something out, and drawn slices
+    keep their holes; a brush's pinholes do not count."""
+    for plane in painted:
+        area = int(plane.sum())
+        if area and (ndimage.binary_fill_holes(plane).sum() - area) > share * area:
+            return True
+    return False
+
+
 def _render(scorer: Scorer, region: dict[int, np.ndarray], feats: VolumeFeatures, threshold: float,
-            n_slices: int) -> tuple[np.ndarray, np.ndarray]:
-    """The kept regions drawn on the native grid, and the per-slice confidence."""
+            n_slices: int, fill_holes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The kept regions drawn on the native grid (holes filled when asked), and the per-slice
+    confidence."""
     confidence = np.zeros(n_slices, dtype=np.float32)
     out = np.zeros((n_slices, *feats.native_size), dtype=bool)
     for z, kept in region.items():
@@ -562,6 +577,8 @@ def _render(scorer: Scorer, region: dict[int, np.ndarray], feats: VolumeFeatures
         confidence[z] = float(prob[kept].mean())
         native = resize_slices(torch.from_numpy(prob * kept)[None], feats.native_size)[0]
         out[z] = (native > threshold).numpy()
+        if fill_holes:
+            out[z] = ndimage.binary_fill_holes(out[z])
     return out, confidence
 
 
@@ -637,7 +654,8 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
     region = _walk(scorer, n_slices, seeds, limits, options, pixel_mm)
     threshold = _calibrated_threshold(scorer, seeds, options, pixel_mm) if options.calibrate_threshold \
         else options.threshold
-    out, confidence = _render(scorer, region, feats, threshold, n_slices)
+    fill = options.fill_holes and not has_holes(paint[painted_slices])
+    out, confidence = _render(scorer, region, feats, threshold, n_slices, fill)
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
     seconds = embedding_seconds(feats) - spent
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
@@ -872,7 +890,8 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
                 seeds = {q: region[q] for q in query_centres}
                 region = _walk(scorer, n, seeds, (0, n - 1), walk_options, q_pixel)
                 found_at = query_centres
-        out, confidence = _render(scorer, region, q_feats, threshold, n)
+        fill = options.fill_holes and not has_holes(support[painted])
+        out, confidence = _render(scorer, region, q_feats, threshold, n, fill)
     seconds = embedding_seconds(q_feats) - q_spent  # both scans' backbone time in this call
     if s_feats is not q_feats:
         seconds += embedding_seconds(s_feats) - s_spent

@@ -109,6 +109,28 @@ def test_output_threshold_is_the_one_that_redraws_the_painting():
     assert (prob > 0.5).sum() > 1.5 * painting.sum()  # what the fixed threshold would draw
 
 
+
+def test_holes_in_a_drawn_slice_are_filled_unless_the_painting_has_its_own():
+    """A vessel inside an organ comes out as a hole; the structure has none unless the painting
+    shows one (a ring, or a vessel the user left out, over 1% of its area): then holes stay."""
+    from types import SimpleNamespace
+
+    from napari_densemp.engine import _render, has_holes
+
+    disc = _disc((40, 40), (20, 20), 12)
+    ring = disc & ~_disc((40, 40), (20, 20), 5)
+    pinhole = disc.copy()
+    pinhole[20, 20] = False  # one pixel of 449: a brush's slip
+    assert not has_holes(disc[None]) and has_holes(ring[None]) and not has_holes(pinhole[None])
+    assert has_holes(np.stack([disc, ring]))  # any painted slice with a hole
+
+    prob = np.where(ring, 0.9, 0.1).astype(np.float32)
+    feats = SimpleNamespace(native_size=(40, 40))
+    for fill, expected in ((True, disc), (False, ring)):
+        out, confidence = _render(lambda z: prob, {1: ring}, feats, 0.5, 3, fill)
+        np.testing.assert_array_equal(out[1], expected)
+        assert not out[[0, 2]].any() and confidence[1] == pytest.approx(0.9)
+
 # ------------------------------------------------------------------ with the default model
 @pytest.mark.parametrize("organ,minimum", [(LIVER, 0.80), (SPLEEN, 0.70), (RIGHT_KIDNEY, 0.70)])
 def test_phantom_propagation_dice(ct_phantom, default_model, organ, minimum):
