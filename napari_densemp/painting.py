@@ -20,7 +20,11 @@ def integer_painting(painted: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(painted.dtype, np.integer) or painted.dtype == bool):
         if np.issubdtype(painted.dtype, np.floating) and not np.isfinite(painted).all():
             raise DenseMPError("The painted mask holds NaN or infinite values.")
-        painted = np.rint(painted).astype(np.int64)
+        rounded = np.rint(painted).astype(np.int64)
+        if not rounded.any() and painted.any():
+            raise DenseMPError(f"The painted mask holds no whole label value, only fractions (largest "
+                               f"{float(np.abs(painted).max()):g}): save it with label values 1, 2, ...")
+        painted = rounded
     return painted
 
 

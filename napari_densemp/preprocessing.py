@@ -75,6 +75,9 @@ def check_volume(volume: np.ndarray, name: str = "image") -> np.ndarray:
     if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
         bad = int(np.size(volume) - np.isfinite(volume).sum())
         raise DenseMPError(f"The {name} holds {bad} NaN or infinite voxels; fix or mask them first.")
+    low, high = volume.min(), volume.max()
+    if low == high:
+        raise DenseMPError(f"The {name} holds the same value ({low}) in every voxel: there is nothing to segment.")
     return volume
 
 

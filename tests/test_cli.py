@@ -207,6 +207,8 @@ def test_bad_inputs_exit_2_with_a_named_problem(files, phantom, tmp_path, capsys
     shifted = affine.copy()
     shifted[0, 3] += 5
     moved = write_nifti(tmp_path / "moved.nii.gz", read_nifti(painted).data, shifted)
+    blank = write_nifti(tmp_path / "blank.nii.gz", np.zeros(phantom.image.shape, np.int16), affine)
+    fractions = write_nifti(tmp_path / "fractions.nii.gz", read_nifti(painted).data * np.float32(0.3), affine)
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti")
     foreign = tmp_path / "foreign.pt"
@@ -217,6 +219,8 @@ def test_bad_inputs_exit_2_with_a_named_problem(files, phantom, tmp_path, capsys
         ([flat, flat], "2D"),
         ([four_d, four_d], "4D"),
         ([nan_image, painted], "NaN"),
+        ([blank, painted], "same value (0) in every voxel"),
+        ([image, fractions], "only fractions"),
         ([image, moved], "affine differs"),
         ([broken, painted], "Cannot read"),
         ([image, tmp_path / "missing.nii.gz"], "not found"),

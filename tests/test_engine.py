@@ -398,6 +398,8 @@ def _with_second_label(painted: np.ndarray) -> np.ndarray:
     (lambda v, p: (v[..., 0], p[..., 0]), "3D"),
     (lambda v, p: (v[..., None], p[..., None]), "3D"),
     (lambda v, p: (np.where(p > 0, np.nan, v), p), "NaN"),
+    (lambda v, p: (np.full_like(v, -1000.0), p), r"same value \(-1000.0\) in every voxel"),
+    (lambda v, p: (v, p * 0.4), r"only fractions \(largest 0.4\)"),
 ])
 def test_bad_input_is_named(ct_phantom, default_model, make, message):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
