@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also segment the scan mirrored left-right and average, so the result does not "
                              "depend on how the scanner stored left and right (twice the backbone time); "
                              "default: the model's own setting (off for the bundled models)")
+    parser.add_argument("--intensity-band", action=argparse.BooleanOptionalAction,
+                        help="on MRI, keep the drawn mask within the painted voxels' intensity band (widened by "
+                             "a quarter): a walk spilling into a neighbour of another brightness is cut back. "
+                             "--no-intensity-band for an MRI with strong intensity inhomogeneity; "
+                             "default: on (the model's own setting)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
@@ -87,13 +92,13 @@ def _progress_bar():
 def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_source: str = "default",
                  label: int | None = None, axis: int | None = None, modality: str = "auto", device: str = "auto",
                  between_painted: bool = False, overwrite: bool = False,
-                 mirror_average: bool | None = None) -> dict:
+                 mirror_average: bool | None = None, intensity_band: bool | None = None) -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`), each
     structure's own when several are painted. With several label values painted and no
     ``label``, every structure is propagated and the output holds the painted values; with one,
-    the output is 0/1. ``mirror_average=None`` keeps the model's own setting.
+    the output is 0/1. ``mirror_average`` and ``intensity_band`` None keep the model's own settings.
     """
     from .engine import load_model, painted_labels, painting_axis, propagate, propagate_labels
 
@@ -117,7 +122,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     if axis is None and not several:
         axis = painting_axis(painted if label is None else painted == label, affine=scan.affine)
     model = load_model(model_source, device)
-    options = model.default_options(between_painted_only=between_painted, **_mirror(mirror_average))
+    options = model.default_options(between_painted_only=between_painted, **_mirror(mirror_average),
+                                    **_intensity_band(intensity_band))
     update, close = _progress_bar()
     try:
         if several:
@@ -149,6 +155,11 @@ def _painted_report(result) -> str:
 def _mirror(choice: bool | None) -> dict:
     """``--mirror-average`` / ``--no-mirror-average`` as an options override; none: the model's."""
     return {} if choice is None else {"mirror_average": choice}
+
+
+def _intensity_band(choice: bool | None) -> dict:
+    """``--no-intensity-band`` turns the MRI intensity band off; none or on: the model's setting."""
+    return {"intensity_gate": 0.0} if choice is False else {}
 
 
 def _axis(choice: str, painted: np.ndarray | None = None, affine: np.ndarray | None = None) -> int | None:
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite,
-                               args.mirror_average)
+                               args.mirror_average, args.intensity_band)
         structures = summary["structures"]
         for value, structure in structures.items():
             rng = structure["slice_range"]

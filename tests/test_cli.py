@@ -241,3 +241,17 @@ def test_demo_reports_dice(tmp_path, capsys):
     truth = read_nifti(tmp_path / "demo" / "demo_liver_truth.nii.gz").data.astype(bool)
     result = read_nifti(tmp_path / "demo" / "demo_liver_propagated.nii.gz").data.astype(bool)
     assert abs(100 * dice(result, truth) - dice_value) < 0.1
+
+
+def test_no_intensity_band_turns_the_mri_band_off(mri_phantom, tmp_path):
+    """On an MRI the drawn mask keeps to the painted intensity band unless --no-intensity-band."""
+    truth = mri_phantom.label == LIVER
+    painted, _ = paint_largest(mri_phantom.label, LIVER)
+    image = write_nifti(tmp_path / "mri.nii.gz", mri_phantom.image, mri_phantom.affine)
+    paint = write_nifti(tmp_path / "painted.nii.gz", painted, mri_phantom.affine)
+    scores = {}
+    for flag in ("--intensity-band", "--no-intensity-band"):
+        out = tmp_path / f"{flag}.nii.gz"
+        assert main([str(image), str(paint), "-o", str(out), flag]) == 0
+        scores[flag] = dice(read_nifti(out).data > 0, truth)
+    assert scores["--intensity-band"] > 0.9 and scores["--no-intensity-band"] < 0.75  # 0.96 / 0.63
