@@ -609,10 +609,10 @@ def _intensity_gated(out: np.ndarray, confidence: np.ndarray, slices: np.ndarray
     holes filled; slices left empty get confidence 0.
 
     On MRI an organ is one intensity band within a scan, and where the walk's region spills into
-    a neighbour of another band (the liver into a kidney or bowel, the spleen into the left
-    kidney) those voxels fall outside it: held out, CHAOS 72.9 -> 76.5, MNI152 white matter
-    59.3 -> 87.7. Not on CT: a mandible is bone and marrow, and on OpenKBP's validation patients
-    the gate cut it 60.7 -> 45.9 (all four structures 51.4 -> 46.6).
+    a neighbour of another band (the liver into a kidney, brighter on T2) those voxels fall
+    outside it: held out, CHAOS 72.9 -> 76.5, MNI152 white matter 59.3 -> 87.7. Not on CT: a
+    mandible is bone and marrow, and on OpenKBP's validation patients the gate cut it 60.7 ->
+    45.9 (all four structures 51.4 -> 46.6).
     """
     values = slices[painted_slices][paint[painted_slices] > 0]
     low, high = np.percentile(values, [5, 95])
