@@ -16,7 +16,7 @@ from training.augment import AugmentConfig, augment, random_grid
 from training.cli import main as train_main
 from training.episodes import SuperpixelEpisodes, usable_slices
 from training.loop import OptimConfig
-from training.stage2 import Stage2Config, run_stage2
+from training.stage2 import Stage2Config, prepare_all, run_stage2
 
 IDENTITY = AugmentConfig(rotation_deg=0, translation_px=0, shear_deg=0, scale=(1, 1), elastic_alpha=0,
                          gamma=(1, 1))
@@ -138,6 +138,48 @@ def test_stage2_resume_matches_uninterrupted_run(tmp_path):
     assert a.provenance["stage"] == "stage2" and a.provenance["iterations"] == 4
     assert any(name.startswith("phantom_ct") for name in a.provenance["data"])
     assert a.preprocessing.orientations == {"ct": "LPS", "mri": "LPS"}  # how the phantoms are stored
+
+
+def test_scans_prepared_by_parallel_processes_equal_the_serial_ones(tmp_path):
+    from napari_densemp.preprocessing import PreprocessingProfile
+    from src_data.datasets import find_scans
+    from src_data.phantoms import write_cohort
+
+    write_cohort(tmp_path / "scans", 1, "ct", first_seed=5)
+    write_cohort(tmp_path / "scans", 1, "mri", first_seed=6)
+    records = find_scans(tmp_path / "scans")
+    serial, _ = prepare_all(records, PreprocessingProfile(), tmp_path / "serial")
+    parallel, _ = prepare_all(records, PreprocessingProfile(), tmp_path / "parallel", workers=2)
+    assert len(serial) == len(parallel) == 2 and len(list((tmp_path / "parallel").glob("*.npz"))) == 2
+    for a, b in zip(serial, parallel):
+        assert a.name == b.name and a.modality == b.modality
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.superpixels, b.superpixels)
+        assert a.superpixels.max() > 10  # real superpixels, not an empty placeholder
+
+
+def test_an_interrupted_run_checkpoints_its_last_finished_step(tmp_path, monkeypatch):
+    """Ctrl-C between checkpoints (every 2 steps here) loses no step: last.pt holds step 3."""
+    import training.loop as loop
+
+    class InterruptAfter3Steps:
+        def __init__(self, wrapped):
+            self.wrapped, self.served = wrapped, 0
+
+        def __iter__(self):
+            for batch in self.wrapped:
+                if self.served == 3:
+                    raise KeyboardInterrupt
+                self.served += 1
+                yield batch
+
+    real = loop.train
+    monkeypatch.setattr("training.stage2.train", lambda model, batches, *a, **k: real(
+        model, InterruptAfter3Steps(batches), *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage2(_config(tmp_path, 10))
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state.training["iteration"] == state.provenance["iterations"] == 3
 
 
 @pytest.mark.slow

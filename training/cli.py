@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from napari_densemp.errors import DenseMPError
@@ -54,6 +56,8 @@ def _episode_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude-classes", type=int, nargs="*", default=[],
                         help="setting 2: drop every slice holding any of these label values")
     parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--prepared", type=Path,
+                        help="folder of prepared scans (superpixels) to share between runs (default: OUT/prepared)")
     parser.add_argument("--mirror", action="store_true",
                         help="flip each episode in-plane at random (ours, not the reference's): a model that "
                              "does not depend on which way scans are stored left-right and front-back")
@@ -76,7 +80,8 @@ def _stage2_config(args: argparse.Namespace, network=None):
     config = Stage2Config(
         data_dirs=args.data, run_dir=args.out, phantoms=args.phantoms, exclude=args.exclude,
         hold_out=not args.no_hold_out, excluded_classes=args.exclude_classes, crop=args.crop, seed=args.seed,
-        batch=args.batch, workers=args.workers, device=args.device, optim=_optim(args), mirror=args.mirror)
+        batch=args.batch, workers=args.workers, device=args.device, optim=_optim(args), mirror=args.mirror,
+        cache_dir=args.prepared)
     if network is not None:
         config.network = network
     return config
@@ -158,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # a scheduler's time limit (SIGTERM, as SLURM sends before killing) stops training as Ctrl-C
+    # does: the finished steps are checkpointed
+    previous = (signal.signal(signal.SIGTERM, _interrupt)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         if args.command == "stage1":
             from .stage1 import DenseCLConfig, Stage1Config, default_lr, run_stage1
@@ -246,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         print("densemp-train: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

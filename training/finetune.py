@@ -158,7 +158,8 @@ def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
     start_from = load_checkpoint(config.stage2)
     model = start_from.build_model()
     records = collect_scans(config.data)
-    scans, profile = prepare_all(records, start_from.preprocessing, config.data.prepared_dir)
+    scans, profile = prepare_all(records, start_from.preprocessing, config.data.prepared_dir,
+                                 config.data.workers, dist)
     dataset = FinetuneEpisodes(scans, config.data.crop, config.data.seed, config.data.excluded_classes,
                                config.labelled, groups=[str(r.image.parent) for r in records],
                                hidden_classes=config.data.hidden_classes, in_volume=config.in_volume,

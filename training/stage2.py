@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from napari_densemp.network import FewShotSegmenter, NetworkConfig
@@ -67,11 +71,35 @@ def collect_scans(config: Stage2Config) -> list[ScanRecord]:
     return records
 
 
-def prepare_all(records: Sequence[ScanRecord], profile: PreprocessingProfile,
-                cache_dir: Path) -> tuple[list[PreparedScan], PreprocessingProfile]:
+def _prepare_into_cache(record: ScanRecord, profile: PreprocessingProfile, cache_dir: Path) -> None:
+    torch.set_num_threads(1)  # one process per core
+    prepare_scan(record, profile, cache_dir)
+
+
+def prepare_all(records: Sequence[ScanRecord], profile: PreprocessingProfile, cache_dir: Path,
+                workers: int = 0, dist: Distributed | None = None) -> tuple[list[PreparedScan], PreprocessingProfile]:
     """Every scan preprocessed (cached) and shown in one orientation per modality; the profile
-    returned records it (see :func:`src_data.datasets.show_in_orientation`)."""
-    scans = [prepare_scan(r, profile, cache_dir) for r in tqdm(records, desc="superpixels", unit="scan")]
+    returned records it (see :func:`src_data.datasets.show_in_orientation`).
+
+    Superpixels are single-threaded and take about 10 s per CT, so the cache is filled in
+    parallel: under ``torchrun`` each rank prepares its share of the scans, each with
+    ``workers`` processes, and every rank then reads them all from the cache."""
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+    mine = list(records)[rank::world]
+    if world > 1 or (workers > 1 and len(mine) > 1):
+        if workers > 1 and len(mine) > 1:
+            # spawned, not forked: a fork of a process whose torch/OpenMP threads run can deadlock
+            with ProcessPoolExecutor(min(workers, len(mine)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                jobs = pool.map(_prepare_into_cache, mine, repeat(profile), repeat(cache_dir))
+                for _ in tqdm(jobs, total=len(mine), desc="superpixels", unit="scan", disable=rank > 0):
+                    pass
+        else:
+            for record in tqdm(mine, desc="superpixels", unit="scan", disable=rank > 0):
+                prepare_scan(record, profile, cache_dir)
+        if world > 1:
+            torch_dist.barrier()
+    scans = [prepare_scan(r, profile, cache_dir) for r in tqdm(records, desc="superpixels", unit="scan",
+                                                                disable=rank > 0)]
     return show_in_orientation(list(records), scans, profile)
 
 
@@ -107,7 +135,7 @@ def load_backbone(model: FewShotSegmenter, path: str | Path) -> None:
 def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
     dist = Distributed.setup(config.device)
     records = collect_scans(config)
-    scans, profile = prepare_all(records, config.profile, config.prepared_dir)
+    scans, profile = prepare_all(records, config.profile, config.prepared_dir, config.workers, dist)
     torch.manual_seed(config.seed)  # before building: the initial weights are part of the run
     model = FewShotSegmenter(config.network)
     if config.init_backbone is not None:
