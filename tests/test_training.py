@@ -183,6 +183,38 @@ def test_an_interrupted_run_checkpoints_its_last_finished_step(tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_sigterm_stops_the_cli_with_a_checkpoint_at_the_last_finished_step(tmp_path):
+    """What a scheduler's time limit sends: exit code 130 and no finished step lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "stage2", "--phantoms", "1", "--out", str(run), "--iterations",
+         "100000", "--checkpoint-every", "100000", "--log-every", "1", "--depth", "18", "--last-layer", "3",
+         "--feature-dim", "16", "--crop", "64", "--amp", "off", "--device", "cpu"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if (run / "log.csv").is_file() and len((run / "log.csv").read_text().splitlines()) > 3:
+                break
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "interrupted" in err
+    logged = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
+    iteration = load_checkpoint(run / "last.pt").training["iteration"]
+    assert iteration >= 3 and iteration >= max(logged)
+
+
+@pytest.mark.slow
 def test_train_cli_runs_and_exports(tmp_path, capsys):
     run = tmp_path / "run"
     code = train_main(["stage2", "--phantoms", "1", "--out", str(run), "--iterations", "3", "--depth", "18",

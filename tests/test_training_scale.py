@@ -230,3 +230,27 @@ def test_cli_chains_stage1_stage2_and_finetune(image_folder, tmp_path):
     assert tuned.network.feature_dim == 16
     assert tuned.provenance["optim"]["lr"] == 1e-4
     assert tuned.provenance["labelled_p"] == 0.5 and tuned.provenance["in_volume_p"] == 0.5
+
+
+@pytest.mark.parametrize("gpus, ranks_here, device, backend", [
+    (2, 2, "cuda:1", "nccl"),  # one GPU per rank
+    (1, 2, "cuda:0", "gloo"),  # two ranks share the one GPU: NCCL would refuse
+])
+def test_ranks_take_their_gpu_and_share_one_over_gloo(monkeypatch, gpus, ranks_here, device, backend):
+    """Which GPU and which backend a rank of ``torchrun`` picks (the GPU itself is faked)."""
+    from training.loop import torch_dist
+
+    chosen = {}
+    monkeypatch.setenv("WORLD_SIZE", str(ranks_here))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks_here))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: chosen.setdefault("device", str(dev)))
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda name: chosen.setdefault("backend", name))
+    monkeypatch.setattr(torch_dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch_dist, "get_world_size", lambda: ranks_here)
+    dist = Distributed.setup("cuda")
+    assert (str(dist.device), chosen["device"], chosen["backend"]) == (device, device, backend)
+    assert (dist.rank, dist.world, dist.is_main) == (1, ranks_here, False)
