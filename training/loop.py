@@ -248,7 +248,7 @@ def train(module: nn.Module, batches: Any, inputs: Callable[[dict, torch.device]
             if dist.is_main and (iteration % optim.checkpoint_every == 0 or iteration == end):
                 checkpoint(iteration, elapsed_before + time.perf_counter() - t0)
     except KeyboardInterrupt:
-        # Ctrl-C (or `kill -INT`, as a job scheduler's time limit sends) keeps every finished step
+        # Ctrl-C, or a scheduler's SIGTERM (the CLI turns it into this), keeps every finished step
         if dist.is_main and iteration > start:
             checkpoint(iteration, elapsed_before + time.perf_counter() - t0)
             log.warning("interrupted: checkpoint written at step %d", iteration)
