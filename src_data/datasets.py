@@ -36,7 +36,8 @@ from .superpixels import MIN_SIZE, body_mask, superpixels
 
 log = logging.getLogger(__name__)
 LABEL_SUFFIXES = ("_label", "_mask", "_seg", "_oars")
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: CT superpixels segmented within the body's box (src_data.superpixels)
+CT_CROP_MARGIN = 32  # pixels of air kept around the body's box when segmenting a CT slice
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def prepare_scan(record: ScanRecord, profile: PreprocessingProfile, cache_dir: s
     size = image.shape[1:]
     windowed_grid = resize_slices(torch.from_numpy(window_intensities(slices, modality, profile)), size).numpy()
     body = resize_slices(torch.from_numpy(body_mask(slices, modality)).float(), size).numpy() > 0.5
-    segments = superpixels(windowed_grid, body, min_size=min_size)
+    segments = superpixels(windowed_grid, body, min_size=min_size,
+                           crop_margin=CT_CROP_MARGIN if modality == "ct" else None)
     label = None
     if loaded.label is not None:
         label = resize_slices(torch.from_numpy(np.moveaxis(loaded.label, 2, 0).astype(np.float32)), size,

@@ -51,6 +51,20 @@ def test_body_mask_and_superpixels(ct_phantom):
     assert fine.max() > segments.max()
 
 
+def test_ct_superpixels_within_the_body_box_equal_the_whole_slice_ones(ct_phantom):
+    """A CT's window clips the air to one value, so segmenting only the body's box (what makes
+    a head-and-neck CT's superpixels several times faster) changes no segment in the body."""
+    slices = np.pad(np.moveaxis(ct_phantom.image, 2, 0)[::6], ((0, 0), (60, 60), (60, 60)), constant_values=-1000)
+    body = body_mask(slices, "ct")
+    windowed = np.clip((slices + 125) / 400, 0, 1).astype(np.float32)
+    rows = np.flatnonzero(body.any(axis=(0, 2)))
+    assert rows[0] > 40 and rows[-1] < slices.shape[1] - 40  # the box with a 32-pixel margin cuts air off
+    whole = superpixels(windowed, body)
+    boxed = superpixels(windowed, body, crop_margin=32)
+    assert whole.max() > 5
+    np.testing.assert_array_equal(boxed, whole)
+
+
 def test_find_scans_knows_the_layouts_and_split(tmp_path):
     affine = np.eye(4)
     volume = np.zeros((8, 8, 4), dtype=np.float32)
