@@ -284,3 +284,39 @@ def test_training_shows_every_scan_in_one_orientation(tmp_path):
     assert profile.orientations == {"ct": "LPS"}
     np.testing.assert_array_equal(majority[0].label, stored)
     assert (majority[2].label == stored).mean() > 0.999
+
+
+def test_average_interpolates_weights_and_refuses_foreign_models(tmp_path, tiny_network, capsys):
+    """WiSE-FT: the mean of two related models' weights, recorded in the provenance."""
+    from napari_densemp.checkpoint import save_checkpoint
+    from napari_densemp.network import FewShotSegmenter
+    from napari_densemp.preprocessing import PreprocessingProfile
+
+    profile = PreprocessingProfile()
+    a = save_checkpoint(tmp_path / "a.pt", tiny_network, profile, provenance={"data": ["x"]})
+    torch.manual_seed(1)
+    other = FewShotSegmenter(tiny_network.config)
+    b = save_checkpoint(tmp_path / "b.pt", other, profile, provenance={"data": ["y"]})
+    out = tmp_path / "avg.pt"
+    assert train_main(["average", str(a), str(b), "--weights", "1", "3", "--out", str(out),
+                       "--full-precision"]) == 0
+    averaged = load_checkpoint(out)
+    for key, value in tiny_network.state_dict().items():
+        if value.is_floating_point():
+            expected = 0.25 * value + 0.75 * other.state_dict()[key]
+            assert torch.allclose(averaged.state_dict[key], expected, atol=1e-6), key
+    assert averaged.provenance["stage"] == "average" and averaged.provenance["data"] == ["x", "y"]
+    assert [s["weight"] for s in averaged.provenance["sources"]] == [0.25, 0.75]
+    assert "0.25 a.pt, 0.75 b.pt" in capsys.readouterr().out
+    # the output is never overwritten silently; models of another architecture or profile are refused
+    assert train_main(["average", str(a), str(b), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    narrow = FewShotSegmenter(NetworkConfig(depth=18, last_layer=3, feature_dim=16))
+    wide = save_checkpoint(tmp_path / "wide.pt", narrow, profile)
+    assert train_main(["average", str(a), str(wide), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "another architecture" in capsys.readouterr().err
+    shifted = save_checkpoint(tmp_path / "ct.pt", other, PreprocessingProfile(ct_window=(-200.0, 300.0)))
+    assert train_main(["average", str(a), str(shifted), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "preprocesses scans differently" in capsys.readouterr().err
+    assert train_main(["average", str(a), str(b), "--weights", "1", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "2 checkpoints but 1 weights" in capsys.readouterr().err

@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--orientation", nargs="*", default=[], metavar="MODALITY=CODES",
                     help="how the training scans of each modality were stored, as axis codes (e.g. ct=RAS "
                          "mri=LAS): the engine then shows scans with a known affine to the model that way")
+    av = sub.add_parser("average", help="average the weights of models fine-tuned from one another "
+                                         "(WiSE-FT: e.g. a stage-2 model and its fine-tuned descendant)")
+    av.add_argument("checkpoints", type=Path, nargs="+")
+    av.add_argument("--weights", type=float, nargs="+", help="one per checkpoint (normalised); equal otherwise")
+    av.add_argument("--out", type=Path, required=True)
+    av.add_argument("--full-precision", action="store_true")
+    av.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -248,6 +255,18 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(args.out, state.build_model(), profile, provenance=provenance,
                             half=not args.full_precision)
             print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+        elif args.command == "average":
+            from napari_densemp.checkpoint import save_checkpoint
+
+            from .averaging import average_checkpoints
+
+            if args.out.exists() and not args.overwrite:
+                raise DenseMPError(f"{args.out} exists; pass --overwrite to replace it.")
+            averaged = average_checkpoints(args.checkpoints, args.weights)
+            save_checkpoint(args.out, averaged.build_model(), averaged.preprocessing,
+                            provenance=averaged.provenance, half=not args.full_precision)
+            shares = ", ".join(f"{s['weight']:.2f} {Path(s['path']).name}" for s in averaged.provenance["sources"])
+            print(f"averaged {shares} into {args.out}")
     except (DenseMPError, ValueError) as exc:
         print(f"densemp-train: error: {exc}", file=sys.stderr)
         return 2
