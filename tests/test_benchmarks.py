@@ -82,3 +82,17 @@ def test_the_painted_slice_is_the_largest_or_the_one_that_far_through_the_organ(
     for painted, z in picked.values():
         np.testing.assert_array_equal(painted[..., z], truth[..., z])
         assert painted.sum() == truth[..., z].sum()
+
+
+def test_bias_field_spans_its_strength_smoothly_and_repeats():
+    """accuracy.py --bias-field: exp(S * p) with p spanning [-1, 1], smooth, the same per seed."""
+    import accuracy
+
+    field = accuracy.bias_field((40, 30, 20), 0.3, seed=7)
+    assert field.shape == (40, 30, 20) and field.dtype == np.float32
+    assert np.isclose(field.min(), np.exp(-0.3), rtol=1e-4) and np.isclose(field.max(), np.exp(0.3), rtol=1e-4)
+    # smooth: neighbouring voxels differ by a small fraction of the field's whole range
+    steps = max(float(np.abs(np.diff(np.log(field), axis=a)).max()) for a in range(3))
+    assert steps < 0.1 * 0.6
+    np.testing.assert_array_equal(field, accuracy.bias_field((40, 30, 20), 0.3, seed=7))
+    assert not np.allclose(field, accuracy.bias_field((40, 30, 20), 0.3, seed=8))
