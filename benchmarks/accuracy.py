@@ -194,7 +194,7 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
             print(f"{record.name}: no label file, skipped", file=sys.stderr)
             continue
         volume = scan.volume + np.float32(record.hu_offset) if as_stored else scan.volume
-        if bias and detect_modality(volume) == "mri":
+        if bias and detect_modality(scan.volume) == "mri":  # in HU: a CT stays a CT with --as-stored
             volume = volume * bias_field(volume.shape, bias, zlib.crc32(record.name.encode()))
         volume, label, affine = stored_as(view, volume, scan.label, scan.affine)
         if slice_mm:
