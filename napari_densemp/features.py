@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from .preprocessing import Modality, prepare_volume, reading
+from .preprocessing import Modality, prepare_volume, reading, stored_hu_offset
 
 if TYPE_CHECKING:
     from .engine import Model
@@ -59,9 +59,10 @@ class VolumeFeatures:
            modality: Modality | Literal["auto"] = "auto") -> VolumeFeatures:
         """(S, H, W) slices prepared for ``model``; nothing embedded yet."""
         start = time.perf_counter()
-        prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality)
+        offset = stored_hu_offset(slices)  # once: it windows a CT and words the reading
+        prepared, modality = prepare_volume(slices, spacing_hw, model.profile, modality, offset)
         feats = cls(prepared, tuple(prepared.shape[1:]), tuple(slices.shape[1:]), modality, model)
-        feats.read_as = reading(slices, modality)
+        feats.read_as = reading(modality, offset)
         feats.seconds = time.perf_counter() - start
         return feats
 

@@ -109,22 +109,23 @@ def stored_hu_offset(volume: np.ndarray) -> float:
 MRI_OR_SHIFTED_CT = "MRI (if it is a CT stored as HU + 1024, choose CT)"
 
 
-def reading(volume: np.ndarray, modality: Modality) -> str:
+def reading(modality: Modality, hu_offset: float) -> str:
     """How a scan's intensities are read, in words for the user: "CT", "CT stored as HU + 1024",
-    "MRI", or, for an MRI whose values would also fit a CT stored as HU + 1024 (auto-detection
-    cannot tell them apart), "MRI" with a hint to choose CT if it is one."""
+    "MRI", or, for an MRI whose values would also fit a CT stored as HU + 1024 (``hu_offset``
+    of :func:`stored_hu_offset` non-zero: auto-detection cannot tell them apart), "MRI" with a
+    hint to choose CT if it is one."""
     if modality == "mri":
-        return MRI_OR_SHIFTED_CT if stored_hu_offset(volume) else "MRI"
-    return "CT stored as HU + 1024" if stored_hu_offset(volume) else "CT"
+        return MRI_OR_SHIFTED_CT if hu_offset else "MRI"
+    return "CT stored as HU + 1024" if hu_offset else "CT"
 
 
-def window_intensities(volume: np.ndarray, modality: Modality,
-                       profile: PreprocessingProfile) -> np.ndarray:
-    """CT: HU window (on HU + 1024 where the scan is stored so); MRI: clip above the profile's
-    percentile. Returns float32 in [0, 1]."""
+def window_intensities(volume: np.ndarray, modality: Modality, profile: PreprocessingProfile,
+                       hu_offset: float | None = None) -> np.ndarray:
+    """CT: HU window (on HU + 1024 where the scan is stored so; ``hu_offset`` None: detected);
+    MRI: clip above the profile's percentile. Returns float32 in [0, 1]."""
     source = np.asarray(volume)
     if modality == "ct":
-        offset = stored_hu_offset(source)
+        offset = stored_hu_offset(source) if hu_offset is None else hu_offset
         low, high = (bound + offset for bound in profile.ct_window)
     else:
         sample = source[:: max(1, source.shape[0] // 64)]  # percentiles of a large volume, cheaply
@@ -186,14 +187,16 @@ def resize_slices(slices: torch.Tensor, size: tuple[int, int], mode: str = "bili
 
 
 def prepare_volume(volume: np.ndarray, spacing_hw: tuple[float, float], profile: PreprocessingProfile,
-                   modality: Modality | Literal["auto"] = "auto") -> tuple[torch.Tensor, Modality]:
+                   modality: Modality | Literal["auto"] = "auto",
+                   hu_offset: float | None = None) -> tuple[torch.Tensor, Modality]:
     """Slices (S, H, W) of a scan -> z-scored float32 slices on the model's in-plane grid.
 
-    Axis 0 is the slicing axis; ``spacing_hw`` the in-plane voxel size in mm.
+    Axis 0 is the slicing axis; ``spacing_hw`` the in-plane voxel size in mm; ``hu_offset``
+    as :func:`window_intensities` (a caller that already knows it saves a pass over the scan).
     """
     volume = check_volume(volume)
     if modality == "auto":
         modality = detect_modality(volume)
-    normalized = zscore(window_intensities(volume, modality, profile))
+    normalized = zscore(window_intensities(volume, modality, profile, hu_offset))
     size = model_grid_size(volume.shape[1:], spacing_hw, profile)
     return resize_slices(torch.from_numpy(normalized), size), modality

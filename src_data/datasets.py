@@ -29,6 +29,7 @@ from napari_densemp.preprocessing import (
     detect_modality,
     prepare_volume,
     resize_slices,
+    stored_hu_offset,
     window_intensities,
 )
 
@@ -170,10 +171,11 @@ def prepare_scan(record: ScanRecord, profile: PreprocessingProfile, cache_dir: s
                                     data.get("label", None), str(data["modality"]))
     loaded = load_scan(record)
     slices = np.moveaxis(loaded.volume, 2, 0)
-    modality = detect_modality(slices)
-    image = prepare_volume(slices, loaded.spacing[:2], profile, modality)[0].numpy()
+    modality, offset = detect_modality(slices), stored_hu_offset(slices)
+    image = prepare_volume(slices, loaded.spacing[:2], profile, modality, offset)[0].numpy()
     size = image.shape[1:]
-    windowed_grid = resize_slices(torch.from_numpy(window_intensities(slices, modality, profile)), size).numpy()
+    windowed = window_intensities(slices, modality, profile, offset)
+    windowed_grid = resize_slices(torch.from_numpy(windowed), size).numpy()
     body = resize_slices(torch.from_numpy(body_mask(slices, modality)).float(), size).numpy() > 0.5
     segments = superpixels(windowed_grid, body, min_size=min_size,
                            crop_margin=CT_CROP_MARGIN if modality == "ct" else None)

@@ -62,9 +62,14 @@ def test_a_ct_stored_as_hu_plus_1024_is_windowed_as_hu(ct_phantom, mri_phantom):
     spine[(radius >= 0.3 * min(spine.shape[:2])) & (radius < 0.36 * min(spine.shape[:2]))] = 1000.0
     assert (spine >= 824).mean() > 0.02 and stored_hu_offset(spine) == 0
     assert detect_modality(shifted) == "mri"
-    assert (reading(hu, "ct"), reading(shifted, "ct"), reading(mri_phantom.image, "mri")) == (
-        "CT", "CT stored as HU + 1024", "MRI")
-    assert reading(shifted, "mri") == "MRI (if it is a CT stored as HU + 1024, choose CT)"  # auto's reading
+    assert (reading("ct", stored_hu_offset(hu)), reading("ct", stored_hu_offset(shifted)),
+            reading("mri", stored_hu_offset(mri_phantom.image))) == ("CT", "CT stored as HU + 1024", "MRI")
+    assert reading("mri", stored_hu_offset(shifted)) == "MRI (if it is a CT stored as HU + 1024, choose CT)"  # auto's
+    # an offset the caller already knows is used as given, not detected again
+    np.testing.assert_array_equal(window_intensities(shifted, "ct", profile, hu_offset=1024.0),
+                                  window_intensities(hu, "ct", profile, hu_offset=0.0))
+    assert not np.array_equal(window_intensities(hu, "ct", profile, hu_offset=1024.0),
+                              window_intensities(hu, "ct", profile))
 
 
 def test_grid_size_follows_training_spacing_within_bounds():
