@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "depend on how the scanner stored left and right (twice the backbone time); "
                              "default: the model's own setting (off for the bundled models)")
     parser.add_argument("--intensity-band", action=argparse.BooleanOptionalAction,
-                        help="on MRI, keep the drawn mask within the painted voxels' intensity band (widened by "
-                             "a quarter): a walk spilling into a neighbour of another brightness is cut back. "
-                             "--no-intensity-band for an MRI with strong intensity inhomogeneity; "
+                        help="keep to the painted voxels' intensity band (widened by a quarter): on MRI drawn "
+                             "voxels outside it are cut back, so a spill into a neighbour of another brightness "
+                             "goes; on CT the structure ends at the first slice with under 30%% of its voxels in "
+                             "it. --no-intensity-band for an MRI with strong intensity inhomogeneity; "
                              "default: on (the model's own setting)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
@@ -158,8 +159,10 @@ def _mirror(choice: bool | None) -> dict:
 
 
 def _intensity_band(choice: bool | None) -> dict:
-    """``--no-intensity-band`` turns the MRI intensity band off; none or on: the model's setting."""
-    return {"intensity_gate": 0.0} if choice is False else {}
+    """``--no-intensity-band`` turns both intensity-band rules off; none or on: the model's setting."""
+    from .engine import INTENSITY_BAND_OFF
+
+    return dict(INTENSITY_BAND_OFF) if choice is False else {}
 
 
 def _axis(choice: str, painted: np.ndarray | None = None, affine: np.ndarray | None = None) -> int | None:

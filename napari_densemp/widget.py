@@ -74,7 +74,7 @@ class _Request:
     device: str
     between_painted_only: bool
     mirror_average: bool
-    intensity_band: bool = True  # unticked: the MRI intensity band off
+    intensity_band: bool = True  # unticked: both intensity-band rules off (MRI voxels, CT stop)
     modality: str = "auto"  # "auto", "ct" or "mri": how the scans' intensities are read
     axis_auto: bool = False  # each structure walked across the plane it was painted on (axis: the slider's)
     image_layer: Any = None
@@ -85,9 +85,11 @@ class _Request:
 
     def options(self, model, **rules):
         """The model's propagation rules with this request's choices (an unticked mirror box keeps
-        the model's own setting; an unticked intensity box turns the band off)."""
+        the model's own setting; an unticked intensity box turns the band rules off)."""
+        from .engine import INTENSITY_BAND_OFF
+
         return model.default_options(**rules, **({"mirror_average": True} if self.mirror_average else {}),
-                                     **({} if self.intensity_band else {"intensity_gate": 0.0}))
+                                     **({} if self.intensity_band else INTENSITY_BAND_OFF))
 
     def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int, np.ndarray]:
         """Volume, painting, spacing, slicing axis and affine on the scan's stored grid: the engine
@@ -145,10 +147,11 @@ class OneShotWidget(Container):
         self._mirror = CheckBox(text="average with the scan mirrored", value=False,
                                 tooltip="The result then mirrors exactly with the scan: for scans whose left and "
                                         "right may be stored the wrong way. Twice the backbone time.")
-        self._band = CheckBox(text="MRI: keep to the painted intensity band", value=True,
+        self._band = CheckBox(text="keep to the painted intensity band", value=True,
                               tooltip="On MRI, drawn voxels outside the painted voxels' intensity range (widened by "
                                       "a quarter) are dropped, so a spill into a neighbour of another brightness is "
-                                      "cut back. Untick for a scan with strong intensity inhomogeneity.")
+                                      "cut back. On CT, the structure ends at the first slice with under 30% of its "
+                                      "voxels in that range. Untick for an MRI with strong intensity inhomogeneity.")
         self._propagate = PushButton(text="Propagate")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._undo = PushButton(text="Undo propagation", enabled=False)

@@ -275,6 +275,47 @@ def test_intensity_band_cuts_a_neighbour_and_empties_slices_it_leaves_nothing_on
     np.testing.assert_array_equal(gated[1], organ)  # a painting of one flat value still has a band
     assert not gated[2].any() and confidence[2] == 0.0 and confidence[1] == pytest.approx(0.9)
 
+
+def test_on_ct_a_walk_ends_where_it_leaves_the_painted_intensity_band():
+    """A walk that runs on with the organ's shape over tissue of another HU range is ended there,
+    on each side, and everything beyond it goes; a bimodal painting (bone and marrow) keeps slices
+    of the same mix."""
+    from napari_densemp.engine import _band_stopped
+
+    organ = np.zeros((20, 20), bool)
+    organ[5:15, 5:15] = True  # 100 voxels
+    slices = np.zeros((7, 20, 20), np.float32)
+    slices[:, organ] = 60.0  # organ HU
+    slices[:, :, :10] = np.where(organ[:, :10], 600.0, 0.0)  # its left half is "bone"
+    slices[1, organ] = -100.0  # slice 1: the walk is on fat, 0% in the band
+    slices[2][organ & (np.arange(20)[None, :] >= 13)] = -100.0  # slice 2: 80% in the band
+    slices[6, organ] = -500.0  # slice 6: lung, outside 60-600 HU widened by a quarter
+    paint = np.zeros((7, 20, 20), bool)
+    paint[3] = organ
+    out = np.broadcast_to(organ, (7, 20, 20)).copy()
+    confidence = np.full(7, 0.9, np.float32)
+    stopped = _band_stopped(out, confidence, slices, paint, [3], 0.2)
+    assert [bool(s.any()) for s in stopped] == [False, False, True, True, True, True, False]
+    np.testing.assert_array_equal(stopped[2], organ)  # the rule ends walks, it cuts no voxel
+    np.testing.assert_allclose(confidence, [0, 0, 0.9, 0.9, 0.9, 0.9, 0])
+
+
+def test_the_band_stop_acts_on_ct_walks_only(ct_phantom, mri_phantom, default_model):
+    """A share no drawn slice can reach (above 1) ends a CT walk at its painted slice; an MRI walk
+    is not touched by it (the MRI has its own band, which cuts voxels)."""
+    for phantom, ends_at_painting in ((ct_phantom, True), (mri_phantom, False)):
+        painted, z = paint_largest(phantom.label, LIVER)
+        cache = FeatureCache()
+        walks = [propagate(phantom.image, painted, default_model, spacing=phantom.spacing, cache=cache,
+                           options=PropagationOptions(ct_band_stop=share)) for share in (1.01, 0.0)]
+        assert walks[1].slice_range[1] - walks[1].slice_range[0] >= 10
+        if ends_at_painting:
+            assert walks[0].slice_range == (z, z)
+            assert np.flatnonzero(walks[0].confidence).tolist() == [z]  # only the painted slice's
+        else:
+            np.testing.assert_array_equal(walks[0].mask, walks[1].mask)
+
+
 def test_axis_is_respected(ct_phantom, default_model):
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     volume = np.ascontiguousarray(ct_phantom.image[:, :, 10:50])

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_densemp.engine import SliceScorer, load_model, propagate_labels
+from napari_densemp.engine import INTENSITY_BAND_OFF, SliceScorer, load_model, propagate_labels
 from napari_densemp.io import METADATA_KEY, Geometry
 from napari_densemp.napari_io import phantom_ct_sample
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, make_phantom
@@ -151,7 +151,8 @@ def test_the_mirror_box_averages_with_the_mirrored_scan(viewer_with_sample):
 
 
 
-def test_the_intensity_box_turns_the_mri_band_off(make_napari_viewer):
+def test_the_intensity_box_turns_the_band_rules_off(make_napari_viewer):
+    """Unticked, the box turns off the MRI band and the CT band stop, as --no-intensity-band does."""
     from napari_densemp.napari_io import layer_from_array
     from napari_densemp.widget import OneShotWidget
 
@@ -173,9 +174,9 @@ def test_the_intensity_box_turns_the_mri_band_off(make_napari_viewer):
         results.append(geometry.stored(viewer.layers[-1].data) > 0)
     banded, unbanded = results
     model = load_model("default", "cpu")
-    for mask, gate in ((banded, 0.25), (unbanded, 0.0)):  # the engine's, as densemp-segment calls it
+    for mask, rules in ((banded, {}), (unbanded, INTENSITY_BAND_OFF)):  # the engine's, as densemp-segment calls it
         expected, _ = propagate_labels(phantom.image, painted, model, spacing=phantom.spacing, affine=phantom.affine,
-                                       axis="auto", options=model.default_options(intensity_gate=gate))
+                                       axis="auto", options=model.default_options(**rules))
         np.testing.assert_array_equal(mask, expected > 0)
     assert dice(banded, truth) > dice(unbanded, truth) + 0.1  # 0.96 against 0.63 on this phantom
 
