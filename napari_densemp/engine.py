@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "default_v0.pt"
+DEFAULT_MODEL = "default_v3.pt"
 
 
 # --------------------------------------------------------------------------- models

@@ -130,11 +130,12 @@ class OneShotWidget(Container):
         from .engine import DEFAULT_MODEL, bundled_models
 
         others = [f"bundled {name}" for name, path in bundled_models().items()
-                  if name != "default" and path.name != DEFAULT_MODEL]  # e.g. v2 beside the default v0
+                  if name != "default" and path.name != DEFAULT_MODEL]  # v0 and v2 beside the default v3
         self._model = ComboBox(label="model", choices=[DEFAULT_MODEL_CHOICE, *others, FILE_MODEL_CHOICE],
-                               tooltip="The bundled default (v0) is best on MRI within one scan; bundled v2 "
-                                       "on CT and across patients (see the model card); or a checkpoint "
-                                       "trained with densemp-train.")
+                               tooltip="The bundled default (v3) is best on MRI within one scan; bundled v2 "
+                                       "on head-and-neck CT and across patients; bundled v0, trained without "
+                                       "labels, on anatomy none was fine-tuned on (see the model card); or a "
+                                       "checkpoint trained with densemp-train.")
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
         self._modality = ComboBox(label="scan type", choices=[("auto", "auto"), ("CT", "ct"), ("MRI", "mri")],

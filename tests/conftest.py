@@ -29,6 +29,14 @@ def default_model():
     return load_model("default", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def v0_model():
+    """The label-free v0, for engine checks whose figures were measured with it."""
+    from napari_densemp.engine import load_model
+
+    return load_model("v0", device="cpu")
+
+
 @pytest.fixture
 def tiny_network() -> FewShotSegmenter:
     torch.manual_seed(0)

@@ -92,13 +92,16 @@ def test_mismatched_weights_are_reported(tmp_path, tiny_network):
 
 
 def test_bundled_models_load_by_name():
-    """v0 (stage 2, no labels) is the default; v2 (fine-tuned with in-volume episodes) ships
-    beside it; an unknown name is named."""
+    """v3 (v0 fine-tuned) is the default; v0 (stage 2, no labels) and v2 (the whole pipeline)
+    ship beside it; an unknown name is named."""
     from napari_densemp.engine import bundled_models, load_model
 
-    assert {"default", "v0", "v2"} <= set(bundled_models())
+    assert {"default", "v0", "v2", "v3"} <= set(bundled_models())
     default = load_model("default", "cpu")
-    assert default.name == "default_v0.pt" and default.provenance["stage"] == "stage2"
+    assert default.name == "default_v3.pt" and default.provenance["stage"] == "finetune"
+    assert default.provenance["from"].endswith("default_v0.pt") and default.provenance["in_volume_p"] == 0.5
+    v0 = load_model("v0", "cpu")
+    assert v0.provenance["stage"] == "stage2" and v0.provenance["iterations"] == 27000
     v2 = load_model("v2", "cpu")
     assert v2.provenance["stage"] == "finetune" and v2.provenance["in_volume_p"] == 0.5
     assert v2.provenance["from_provenance"]["iterations"] == 40000

@@ -588,10 +588,11 @@ def test_a_correction_painted_on_another_plane_is_walked_across_it(ct_phantom, d
     assert dice(result.mask, truth) > 0.85 and dice(result.mask, truth) >= dice(alone.mask, truth)  # 0.889, 0.863
 
 
-def test_between_painted_slices_bounds_the_slicing_axis_when_painted_on_two_planes(ct_phantom, default_model):
+def test_between_painted_slices_bounds_the_slicing_axis_when_painted_on_two_planes(ct_phantom, v0_model):
     """Top and bottom painted on axial slices and a coronal slice too, "only between the painted
     slices": the coronal walk still runs, but nothing beyond the axial paintings is added
-    (before, the coronal walk was held to its own single slice)."""
+    (before, the coronal walk was held to its own single slice). Figures of v0 (v3: 0.850 against
+    0.830 for the axial paintings alone)."""
     truth = ct_phantom.label == LIVER
     zs = np.flatnonzero(truth.any(axis=(0, 1)))
     top, bottom = int(zs[3]), int(zs[-4])
@@ -599,8 +600,8 @@ def test_between_painted_slices_bounds_the_slicing_axis_when_painted_on_two_plan
     painted = np.zeros(truth.shape, np.uint8)
     painted[..., [top, bottom]] = truth[..., [top, bottom]]
     painted[:, y] |= truth[:, y]
-    result = propagate(ct_phantom.image, painted, default_model, spacing=ct_phantom.spacing, axis=2,
-                       affine=ct_phantom.affine, options=default_model.default_options(between_painted_only=True))
+    result = propagate(ct_phantom.image, painted, v0_model, spacing=ct_phantom.spacing, axis=2,
+                       affine=ct_phantom.affine, options=v0_model.default_options(between_painted_only=True))
     assert result.planes == {2: [top, bottom], 1: [y]}
     outside = np.ones(truth.shape[2], bool)
     outside[top:bottom + 1] = False

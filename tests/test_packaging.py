@@ -56,7 +56,7 @@ def test_wheel_carries_manifest_model_and_entry_points(wheel):
         manifest = archive.read("napari_densemp/napari.yaml").decode()
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert manifest == (ROOT / "napari.yaml").read_text()  # one source of truth, shipped as a file
-    assert "napari_densemp/models/default_v0.pt" in names and "napari_densemp/models/default_v2.pt" in names
+    assert {f"napari_densemp/models/default_{name}.pt" for name in ("v0", "v2", "v3")} <= names
     assert "napari_densemp/models/MODEL_CARD.md" in names
     assert {"training/cli.py", "src_data/phantoms.py"} <= names
     assert "napari-densemp = napari_densemp:napari.yaml" in entry_points

@@ -195,7 +195,7 @@ def test_a_ct_stored_as_hu_plus_1024_is_read_as_ct_when_the_scan_type_says_so(vi
 
 def test_the_bundled_v2_model_is_a_choice(viewer_with_sample):
     viewer, widget = viewer_with_sample
-    assert list(widget._model.choices) == ["bundled default", "bundled v2", "checkpoint file"]
+    assert list(widget._model.choices) == ["bundled default", "bundled v0", "bundled v2", "checkpoint file"]
     widget._model.value = "bundled v2"
     _run(widget)
     assert [m.name for m in widget._models.values()] == ["default_v2.pt"]
