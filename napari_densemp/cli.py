@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import DenseMPError
 from .io import as_3d, read_nifti, read_scan, write_nifti
+from .painting import larger_slice_tip
 
 log = logging.getLogger("densemp-segment")
 
@@ -141,7 +142,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
                           "voxels": voxels[value], "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence,
-                          "read_as": r.read_as}
+                          "read_as": r.read_as, "tip": larger_slice_tip(r.mask, painted == value, r.axis)}
                   for value, r in sorted(results.items())}
     return {"out": out_path, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rng[0]}..{rng[1]} along axis {structure['axis']} (painted {structure['painted']}), read as "
                   f"{structure['read_as']}", end="")
             print(f", {time.perf_counter() - start:.1f} s" if len(structures) == 1 else "")
+            if structure["tip"]:
+                print(f"  tip: {structure['tip']}")
         if len(structures) > 1:
             print(f"{len(structures)} structures in {time.perf_counter() - start:.1f} s")
     except DenseMPError as exc:

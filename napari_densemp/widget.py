@@ -61,6 +61,20 @@ class _Undo:
     previous: np.ndarray | None  # its data before; None: the propagation created it
 
 
+def _tips(request: _Request, labels: list[int], values: np.ndarray) -> list[str]:
+    """Status lines naming a slice worth painting too (:func:`larger_slice_tip`), per structure."""
+    from .painting import larger_slice_tip, painting_axis
+
+    lines = []
+    for label in labels:
+        drawn = request.painted == label
+        walked = painting_axis(drawn, default=request.axis) if request.axis_auto else request.axis
+        tip = larger_slice_tip(values == label, drawn, walked)
+        if tip:
+            lines.append(f"\nTip{f' (label {label})' if len(labels) > 1 else ''}: {tip}")
+    return lines
+
+
 @dataclass
 class _Request:
     """Everything a run needs, read from the widget on the main thread."""
@@ -455,7 +469,7 @@ class OneShotWidget(Container):
         self._status.value = (f"'{layer.name}': {extent} along axis {request.axis}\n"
                               f"volume {volumes}; read as {result.read_as}\n"
                               f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
-                              f"{seconds:.1f} s ({features})")
+                              f"{seconds:.1f} s ({features})" + "".join(_tips(request, labels, values)))
         self._last = (layer, summary)
         self._show_slice_info()
 

@@ -161,6 +161,34 @@ def test_several_painted_structures_come_out_with_their_values(files, phantom, c
     assert set(np.unique(read_nifti(kidney_only).data)) == {0, 1}
 
 
+def test_a_painting_near_the_end_gets_a_tip_that_mends_it(files, phantom, capsys):
+    """The liver painted a tenth of the way into its extent: the run names the slice where the
+    result outgrew the painting; painting the liver there too lifts Dice by 0.15 (on the largest
+    slice no tip is given)."""
+    folder, image, _painted, affine = files
+    truth = phantom.label == LIVER
+    holding = np.flatnonzero(truth.any(axis=(0, 1)))
+    near_end = int(holding[round(0.1 * (len(holding) - 1))])
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[..., near_end] = truth[..., near_end]
+    first = folder / "liver_near_end.nii.gz"
+    assert main([str(image), str(write_nifti(folder / "painted_near_end.nii.gz", painted, affine)), "-o",
+                 str(first)]) == 0
+    tip = re.search(r"tip: check slice (\d+) of axis 2: the result there is ([\d.]+)x", capsys.readouterr().out)
+    assert tip is not None and float(tip.group(2)) >= 2.0
+    suggested = int(tip.group(1))
+    painted[..., suggested] = truth[..., suggested]
+    second = folder / "liver_with_tip.nii.gz"
+    assert main([str(image), str(write_nifti(folder / "painted_tip.nii.gz", painted, affine)), "-o", str(second)]) == 0
+    assert "tip:" not in capsys.readouterr().out
+    before, after = (dice(read_nifti(f).data.astype(bool), truth) for f in (first, second))
+    assert after >= 0.85 and after >= before + 0.1, (before, after)  # 0.74 -> 0.90
+    largest, _ = paint_largest(phantom.label, LIVER)
+    assert main([str(image), str(write_nifti(folder / "painted_largest.nii.gz", largest, affine)), "-o",
+                 str(folder / "liver_largest.nii.gz")]) == 0
+    assert "tip:" not in capsys.readouterr().out
+
+
 def test_mirror_average_gives_a_scan_stored_mirrored_the_same_mask(files, phantom):
     """The same CT written with its first axis reversed (the affine mirrored to match, so the
     anatomy lies where it did): with --mirror-average both runs give the same mask in the world."""

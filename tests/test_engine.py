@@ -23,6 +23,7 @@ from napari_densemp.engine import (
     propagate_labels,
 )
 from napari_densemp.errors import DenseMPError
+from napari_densemp.painting import larger_slice_tip
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, SPLEEN
 
 from .conftest import dice, paint_largest
@@ -520,6 +521,26 @@ def test_painting_axis_is_the_one_plane_painted():
     painted[:] = 0
     painted[4, 5, 6] = 1  # a dot lies in one slice along every axis: the default
     assert painting_axis(painted, default=1) == 1
+
+
+def test_the_tip_names_the_slice_where_the_result_outgrew_the_painting():
+    """A cone painted at its tip: the tip names the cone's widest unpainted slice and the ratio;
+    painted on its widest slice, on two planes, or with a result no larger, there is no tip."""
+    yy, xx = np.ogrid[:40, :40]
+    cone = np.stack([(yy - 20) ** 2 + (xx - 20) ** 2 <= r * r for r in (2, 4, 6, 8, 10, 12)], axis=-1)
+    tip_painting = np.zeros_like(cone)
+    tip_painting[..., 1] = cone[..., 1]  # 49 voxels; the widest slice, 5, holds 441
+    tip = larger_slice_tip(cone, tip_painting, axis=2)
+    assert tip is not None and tip.startswith("check slice 5 of axis 2: the result there is 9.0x the painted area")
+    widest = np.zeros_like(cone)
+    widest[..., 5] = cone[..., 5]
+    assert larger_slice_tip(cone, widest, axis=2) is None
+    assert larger_slice_tip(cone & (np.arange(6) < 2), tip_painting, axis=2) is None  # at most 1.0x larger
+    two_planes = tip_painting.copy()
+    two_planes[20, 10:30, :] = True  # a coronal correction too: walked across both, no single slice to name
+    assert larger_slice_tip(cone, two_planes, axis=2) is None
+    coronal = np.moveaxis(cone, 2, 1)  # the same cone walked across axis 1
+    assert larger_slice_tip(coronal, np.moveaxis(tip_painting, 2, 1), axis=1).startswith("check slice 5 of axis 1")
 
 
 def test_a_3d_mask_is_walked_across_the_scans_axial_axis():

@@ -107,6 +107,34 @@ def test_widget_propagates_the_painted_liver(viewer_with_sample):
     assert widget._slice_info.value.startswith(f"slice {shown}: confidence 0.")
 
 
+def test_a_painting_near_the_end_gets_a_tip_naming_a_slice(viewer_with_sample):
+    """Phantom 11's liver painted a tenth of the way into its extent: the status names the slice
+    where the result outgrew the painting, as densemp-segment does (the sample's painting, on
+    its largest slice, gets no tip)."""
+    from napari_densemp.napari_io import layer_from_array
+
+    viewer, widget = viewer_with_sample
+    _run(widget)
+    assert "Tip" not in widget._status.value
+    phantom = make_phantom(seed=11, modality="ct")
+    data, kwargs, _ = layer_from_array(phantom.image, phantom.affine, "phantom 11")
+    image = viewer.add_image(data, **kwargs)
+    truth = Geometry.from_metadata(kwargs["metadata"]).display(phantom.label == LIVER)
+    holding = np.flatnonzero(truth.any(axis=(1, 2)))
+    near_end = int(holding[round(0.1 * (len(holding) - 1))])
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[near_end][truth[near_end]] = LIVER
+    painting = viewer.add_labels(painted, name="liver near its end", scale=image.scale)
+    widget.reset_choices()
+    widget._image.value, widget._painted.value = image, painting
+    _run(widget)
+    result = viewer.layers["phantom 11 6 propagated"].data == LIVER
+    areas = result.sum(axis=(1, 2))
+    areas[near_end] = 0
+    assert areas.max() >= 2 * truth[near_end].sum()
+    assert f"\nTip: check slice {int(areas.argmax())} of axis 0: the result there is " in widget._status.value
+
+
 def test_a_new_painting_layer_takes_the_images_grid_and_is_ready_to_paint(viewer_with_sample):
     viewer, widget = viewer_with_sample
     image, before = viewer.layers["phantom CT"], viewer.layers["liver painted"].data.copy()
