@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 if tip is None:
                     continue
                 given += 1
-                named = int(tip.split()[2])  # "check slice N of axis 2: ..."
+                named = int(tip.split()[2])  # "check slice N of axis 2 (...)"
                 painted[..., named] = truth[..., named]
                 again = propagate(scan.volume, painted, model, scan.spacing, axis=2, affine=scan.affine)
                 before.append(100 * dice(result.mask, truth))

@@ -227,7 +227,7 @@ class OneShotWidget(Container):
         self.viewer.layers.selection.active = layer
         layer.selected_label = 1
         layer.mode = "paint"
-        self._status.value = "Paint the structure on one slice, then press Propagate."
+        self._say("Paint the structure on one slice, then press Propagate.")
 
     def _target_choices(self, _widget=None) -> list:
         layers = [] if not hasattr(self, "viewer") else [
@@ -369,7 +369,7 @@ class OneShotWidget(Container):
 
     def cancel(self) -> None:
         self._cancel_flag.set()
-        self._status.value = "Cancelling..."
+        self._say("Cancelling...")
 
     def wait(self, timeout: float = 120.0) -> None:
         """Block (processing Qt events) until the current run ends: for tests and scripts."""
@@ -401,11 +401,11 @@ class OneShotWidget(Container):
         if total > 0:
             self._progress.max = 100
             self._progress.value = int(100 * done / total)
-            self._status.value = f"{stage}..."
+            self._say(f"{stage}...")
         else:  # walking: where the structure ends is not known beforehand, so a busy bar and a count
             self._progress.value = 0
             self._progress.max = 0
-            self._status.value = f"{stage}: {done} slices..."
+            self._say(f"{stage}: {done} slices...")
         # Last: napari's progress bar may process events, delivering the run's end in here.
         activity = self._activity
         if activity is not None:
@@ -421,7 +421,7 @@ class OneShotWidget(Container):
         from .engine import Cancelled
 
         if isinstance(exc, Cancelled):
-            self._status.value = "Cancelled; nothing was changed."
+            self._say("Cancelled; nothing was changed.")
             return
         if isinstance(exc, DenseMPError):
             self._notify_error(str(exc))
@@ -429,10 +429,17 @@ class OneShotWidget(Container):
         log.exception("propagation failed", exc_info=exc)
         self._notify_error(f"Propagation failed: {type(exc).__name__}: {exc}")
 
+    def _say(self, text: str) -> None:
+        """Show ``text`` in the status line, as tall as its wrapped lines need: magicgui's label
+        keeps the height of its first text, and a longer one (a tip, a folder's failures) was cut."""
+        self._status.value = text
+        label = self._status.native
+        label.setMinimumHeight(label.heightForWidth(label.width() if label.width() > 100 else 300))
+
     def _notify_error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
-        self._status.value = message
+        self._say(message)
         show_error(message)
 
     # ------------------------------------------------------------------ results
@@ -466,10 +473,10 @@ class OneShotWidget(Container):
         voxel_ml = float(np.prod(request.spacing)) / 1000.0  # the layer's scale: mm per voxel
         volumes = ", ".join((f"{value}: " if len(labels) > 1 else "") + f"{(values == value).sum() * voxel_ml:.1f} ml"
                             for value in labels)
-        self._status.value = (f"'{layer.name}': {extent} along axis {request.axis}\n"
-                              f"volume {volumes}; read as {result.read_as}\n"
-                              f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
-                              f"{seconds:.1f} s ({features})" + "".join(_tips(request, labels, values)))
+        self._say(f"'{layer.name}': {extent} along axis {request.axis}\n"
+                  f"volume {volumes}; read as {result.read_as}\n"
+                  f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
+                  f"{seconds:.1f} s ({features})" + "".join(_tips(request, labels, values)))
         self._last = (layer, summary)
         self._show_slice_info()
 
@@ -568,7 +575,7 @@ class OneShotWidget(Container):
             lines.append(f"'{layer.name}': " + "; ".join(
                 (f"{label}: " if len(found) > 1 else "") + (f"slices {rng[0]}-{rng[1]}" if rng else "not found")
                 for label, rng in ranges) + f" (read as {next(iter(found.values())).read_as})")
-        self._status.value = "\n".join(lines) + f"\n{seconds:.1f} s"
+        self._say("\n".join(lines) + f"\n{seconds:.1f} s")
 
     def segment_folder(self) -> None:
         """Every scan of a folder, results as NIfTI in another folder with a summary table."""
@@ -616,7 +623,7 @@ class OneShotWidget(Container):
         counts = scan_counts(rows)
         text = (f"{counts['done']} segmented, {counts['skipped (exists)']} already done, {len(failed)} failed of "
                 f"{len(request.scans)} in {seconds:.1f} s; table: {summary}")
-        self._status.value = text + "".join(f"\n{r.scan}: {r.message}" for r in failed[:5])
+        self._say(text + "".join(f"\n{r.scan}: {r.message}" for r in failed[:5]))
         if failed:
             from napari.utils.notifications import show_warning
 
@@ -634,7 +641,7 @@ class OneShotWidget(Container):
             entry.layer.data = entry.previous
             self._written[id(entry.layer)] = _digest(entry.previous)
         self._undo.enabled = bool(self._undo_stack)
-        self._status.value = f"Undid the propagation into '{entry.layer.name}'."
+        self._say(f"Undid the propagation into '{entry.layer.name}'.")
         self._slice_info.value = ""
 
     def _show_slice_info(self, _event=None) -> None:

@@ -174,7 +174,7 @@ def test_a_painting_near_the_end_gets_a_tip_that_mends_it(files, phantom, capsys
     first = folder / "liver_near_end.nii.gz"
     assert main([str(image), str(write_nifti(folder / "painted_near_end.nii.gz", painted, affine)), "-o",
                  str(first)]) == 0
-    tip = re.search(r"tip: check slice (\d+) of axis 2: the result there is ([\d.]+)x", capsys.readouterr().out)
+    tip = re.search(r"tip: check slice (\d+) of axis 2 \(([\d.]+)x the painted area\)", capsys.readouterr().out)
     assert tip is not None and float(tip.group(2)) >= 2.0
     suggested = int(tip.group(1))
     painted[..., suggested] = truth[..., suggested]

@@ -531,7 +531,7 @@ def test_the_tip_names_the_slice_where_the_result_outgrew_the_painting():
     tip_painting = np.zeros_like(cone)
     tip_painting[..., 1] = cone[..., 1]  # 49 voxels; the widest slice, 5, holds 441
     tip = larger_slice_tip(cone, tip_painting, axis=2)
-    assert tip is not None and tip.startswith("check slice 5 of axis 2: the result there is 9.0x the painted area")
+    assert tip is not None and tip == "check slice 5 of axis 2 (9.0x the painted area): paint it there too"
     widest = np.zeros_like(cone)
     widest[..., 5] = cone[..., 5]
     assert larger_slice_tip(cone, widest, axis=2) is None

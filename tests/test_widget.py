@@ -132,7 +132,13 @@ def test_a_painting_near_the_end_gets_a_tip_naming_a_slice(viewer_with_sample):
     areas = result.sum(axis=(1, 2))
     areas[near_end] = 0
     assert areas.max() >= 2 * truth[near_end].sum()
-    assert f"\nTip: check slice {int(areas.argmax())} of axis 0: the result there is " in widget._status.value
+    assert f"\nTip: check slice {int(areas.argmax())} of axis 0 (" in widget._status.value
+    from qtpy.QtWidgets import QApplication
+
+    viewer.window.show()  # the status is as tall as its wrapped lines: nothing of the tip is cut off
+    QApplication.processEvents()
+    label = widget._status.native
+    assert label.height() >= label.heightForWidth(label.width()) >= 4 * label.fontMetrics().height()
 
 
 def test_a_new_painting_layer_takes_the_images_grid_and_is_ready_to_paint(viewer_with_sample):
