@@ -28,7 +28,7 @@ from magicgui.widgets import (
     SpinBox,
     create_widget,
 )
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, Qt, Signal
 
 from .errors import DenseMPError
 from .io import METADATA_KEY, Geometry
@@ -174,6 +174,7 @@ class OneShotWidget(Container):
         self._status = Label(value="Paint the structure on one slice, then press Propagate.")
         self._slice_info = Label(value="")
         self._status.native.setWordWrap(True)
+        self._status.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         # Paint once, segment many: the painted scan as support for other scans.
         self._many_title = Label(value="<b>Segment the same structure in other scans</b>")
         self._open_images = PushButton(text="Segment in the other open images")
