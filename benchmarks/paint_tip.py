@@ -1,4 +1,4 @@
-"""How often the "paint this slice too" tip (``larger_slice_tip``) is given, and what following
+"""How often the "paint this slice too" tip (``larger_slice``) is given, and what following
 it buys: each structure is painted on its largest slice or that far through its extent,
 propagated; where a tip names a slice, the truth is painted there too (what a user following
 the tip would paint) and the run repeated.
@@ -17,7 +17,7 @@ import numpy as np
 from accuracy import dice, paint_largest_slice, select_scans
 
 from napari_densemp.engine import load_model, propagate
-from napari_densemp.painting import larger_slice_tip
+from napari_densemp.painting import larger_slice
 from src_data.datasets import load_scan
 
 
@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                 total += 1
                 painted, _ = paint_largest_slice(truth, 2, fraction)
                 result = propagate(scan.volume, painted, model, scan.spacing, axis=2, affine=scan.affine)
-                tip = larger_slice_tip(result.mask, painted, 2)
-                if tip is None:
+                found = larger_slice(result.mask, painted, 2)
+                if found is None:
                     continue
                 given += 1
-                named = int(tip.split()[2])  # "check slice N of axis 2 (...)"
+                named = found[1]
                 painted[..., named] = truth[..., named]
                 again = propagate(scan.volume, painted, model, scan.spacing, axis=2, affine=scan.affine)
                 before.append(100 * dice(result.mask, truth))

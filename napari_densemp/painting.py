@@ -150,8 +150,9 @@ def slices_holding(binary: np.ndarray, axis: int) -> list[int]:
     return [int(z) for z in np.flatnonzero(np.moveaxis(binary, axis, 0).reshape(binary.shape[axis], -1).any(axis=1))]
 
 
-def larger_slice_tip(mask: np.ndarray, painted: np.ndarray, axis: int, ratio: float = 2.0) -> str | None:
-    """A tip naming the slice where a structure painted on one plane came out at least ``ratio`` x
+def larger_slice(mask: np.ndarray, painted: np.ndarray, axis: int,
+                 ratio: float = 2.0) -> tuple[int, int, float] | None:
+    """(axis, slice, times) where a structure painted on one plane came out at least ``ratio`` x
     its painted cross-section (not a painted slice), else None.
 
     Either the structure is that large there (painted near its end, the walk started from a small,
@@ -172,6 +173,13 @@ def larger_slice_tip(mask: np.ndarray, painted: np.ndarray, axis: int, ratio: fl
     areas[painted_areas > 0] = 0
     largest = int(areas.argmax())
     times = float(areas[largest] / max(painted_areas.max(), 1))
-    if times < ratio:
+    return (axis, largest, times) if times >= ratio else None
+
+
+def larger_slice_tip(mask: np.ndarray, painted: np.ndarray, axis: int) -> str | None:
+    """:func:`larger_slice` as the tip the CLI prints and the widget shows."""
+    found = larger_slice(mask, painted, axis)
+    if found is None:
         return None
-    return f"check slice {largest} of axis {axis} ({times:.1f}x the painted area): paint it there too"
+    axis, z, times = found
+    return f"check slice {z} of axis {axis} ({times:.1f}x the painted area): paint it there too"
