@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import DenseMPError
 from .io import as_3d, read_nifti, read_scan, write_nifti
-from .painting import larger_slice_tip
+from .painting import integer_painting, larger_slice_tip
 
 log = logging.getLogger("densemp-segment")
 
@@ -113,7 +113,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     scan = read_scan(image_path)  # a NIfTI file or a DICOM series folder
     mask = read_nifti(painted_path)
     volume = as_3d(scan.data, image_path, "image")
-    painted = as_3d(mask.data, painted_path, "painted mask")
+    # label values as integers once: a mask saved as floats (0.9999) is compared by value below
+    painted = integer_painting(as_3d(mask.data, painted_path, "painted mask"))
     if painted.shape != volume.shape:
         raise DenseMPError(f"The painted mask's shape {painted.shape} differs from the image's {volume.shape}.")
     if not np.allclose(mask.affine, scan.affine, atol=1e-3, rtol=1e-4):

@@ -183,10 +183,13 @@ def test_a_painting_near_the_end_gets_a_tip_that_mends_it(files, phantom, capsys
     assert "tip:" not in capsys.readouterr().out
     before, after = (dice(read_nifti(f).data.astype(bool), truth) for f in (first, second))
     assert after >= 0.85 and after >= before + 0.1, (before, after)  # 0.74 -> 0.90
+    # On the largest slice no tip, also from a mask saved as floats a little under 1 (as some tools
+    # write them): its painted area was once read as empty, and a tip claimed 4000x the painting.
     largest, _ = paint_largest(phantom.label, LIVER)
-    assert main([str(image), str(write_nifti(folder / "painted_largest.nii.gz", largest, affine)), "-o",
-                 str(folder / "liver_largest.nii.gz")]) == 0
+    as_floats = write_nifti(folder / "painted_largest.nii.gz", largest.astype(np.float32) * 0.9999, affine)
+    assert main([str(image), str(as_floats), "-o", str(folder / "liver_largest.nii.gz")]) == 0
     assert "tip:" not in capsys.readouterr().out
+    assert dice(read_nifti(folder / "liver_largest.nii.gz").data.astype(bool), truth) >= 0.85
 
 
 def test_mirror_average_gives_a_scan_stored_mirrored_the_same_mask(files, phantom):
