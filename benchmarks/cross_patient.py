@@ -15,6 +15,7 @@ query along their axial axis first (see accuracy.py); "s" = seconds of the 1-sli
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -43,17 +44,24 @@ def load_resliced(record: ScanRecord, slice_mm: float | None) -> LoadedScan:
     return LoadedScan(volume, label, affine, tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)))
 
 
+def _cohort(record: ScanRecord) -> str:
+    """The name with its numbers blanked: phantom_ct_300 and phantom_ct_301 are one cohort."""
+    return re.sub(r"\d+", "#", record.name)
+
+
 def cross_patient_scores(queries: list[ScanRecord], model, options: PropagationOptions,
                          organs: list[int] | None = None, three_d: bool = True, planes: str = "axial",
                          slice_mm: float | None = None):
     """Per query and organ: (query, support, organ, Dice with one painted slice, Dice with the 3D
     support (NaN when skipped), paper-protocol Dice, range found, true range, seconds). The
-    support is the next scan in id order among all scans of the query's folder (circular); it is
-    painted on its largest slice of each of ``planes`` ("axial" or e.g. "axial+coronal")."""
+    support is the next scan in id order among the scans of the query's folder and cohort (names
+    alike but for their numbers: a phantom CT's support is a phantom CT), circular; it is painted
+    on its largest slice of each of ``planes`` ("axial" or e.g. "axial+coronal")."""
     everyone = find_scans(queries[0].image.parent) if queries else []
     cache = FeatureCache(max_volumes=4)  # support and query, across two planes
     for record in queries:
-        support_record = everyone[(everyone.index(record) + 1) % len(everyone)]
+        cohort = [r for r in everyone if _cohort(r) == _cohort(record)]
+        support_record = cohort[(cohort.index(record) + 1) % len(cohort)]
         query, support = load_resliced(record, slice_mm), load_resliced(support_record, slice_mm)
         for organ in organs or [int(v) for v in np.unique(query.label) if v]:
             truth, support_truth = query.label == organ, support.label == organ
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data")
     parser.add_argument("--phantoms", type=int, default=0)
+    parser.add_argument("--first-seed", type=int, default=100,
+                        help="phantom seeds from this (CT) and this + 100 (MRI); 300: the validation phantoms")
     parser.add_argument("--organs", type=int, nargs="*")
     parser.add_argument("--split", default="held-out", choices=["held-out", "seen", "all"])
     parser.add_argument("--model", default="default")
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = load_model(args.model)
     options = model.default_options(**parse_rules(args.rule))
-    queries = select_scans(args.data, args.phantoms, args.split, args.limit, names=args.scans)
+    queries = select_scans(args.data, args.phantoms, args.split, args.limit, args.first_seed, names=args.scans)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name}; slices {args.slice_mm or 'stored'} mm; options {options}")
     print(f"{'query':<16}{'support':<16}{'organ':>6}{'1 slice':>9}{'3D':>7}{'paper':>7}{'found':>10}"
