@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="slicing axis of the stored array; auto: the axis across which the painting lies "
                              "in one slice or a few, else (a 3D mask) the scan's axial axis")
     parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri"],
-                        help="auto: CT when the scan holds air in Hounsfield units, else MRI. Say ct for a CT "
-                             "stored as HU + 1024 (unsigned, as OpenKBP): auto reads it as MRI, ct reads it right")
+                        help="auto: CT when the scan holds air or fat in Hounsfield units (1%% of voxels below "
+                             "-50), else MRI. Say ct for a CT stored as HU + 1024 (unsigned, as OpenKBP): auto "
+                             "reads it as MRI, ct reads it right")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--between-painted", action="store_true",
                         help="segment only between the first and last painted slice")

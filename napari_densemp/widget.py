@@ -153,8 +153,9 @@ class OneShotWidget(Container):
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
         self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
         self._modality = ComboBox(label="scan type", choices=[("auto", "auto"), ("CT", "ct"), ("MRI", "mri")],
-                                  tooltip="auto: CT when the scan holds air in Hounsfield units, else MRI. Choose "
-                                          "CT for a CT stored as HU + 1024 (auto reads it as MRI).")
+                                  tooltip="auto: CT when the scan holds air or fat in Hounsfield units (1% of "
+                                          "voxels below -50), else MRI. Choose CT for a CT stored as HU + 1024 "
+                                          "(auto reads it as MRI).")
         self._axis = ComboBox(label="slicing axis", choices=["auto", "0", "1", "2"],
                               tooltip="auto: each structure across the plane it was painted on (a coronal "
                                       "view's slice walks coronal slices), else the slider's axis.")

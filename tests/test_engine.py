@@ -420,6 +420,17 @@ def test_a_scan_stored_another_way_gets_the_same_mask(ct_phantom, default_model)
     assert dice(stored.mask, ct_phantom.label == RIGHT_KIDNEY) >= 0.70
 
 
+def test_a_ct_clipped_to_its_window_is_read_as_the_ct_it_is(ct_phantom, default_model):
+    """Shipped clipped to [-125, 275] HU (no air left), the phantom CT is still read as CT, and the
+    mask is the unclipped scan's, voxel for voxel (the model's CT window is that range)."""
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    assert default_model.profile.ct_window == (-125.0, 275.0)
+    hu, clipped = (propagate(image, painted, default_model, spacing=ct_phantom.spacing, affine=ct_phantom.affine)
+                   for image in (ct_phantom.image, np.clip(ct_phantom.image, -125, 275)))
+    assert clipped.read_as == hu.read_as == "CT"
+    np.testing.assert_array_equal(clipped.mask, hu.mask)
+
+
 def test_only_the_slices_the_walk_reaches_are_embedded(ct_phantom, default_model, monkeypatch):
     """A kidney walk embeds its own slices and a batch beyond each end, not the whole volume,
     and gives exactly the mask of a run whose every slice was embedded beforehand."""

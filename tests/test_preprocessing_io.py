@@ -38,8 +38,16 @@ def test_mri_clips_the_bright_end_at_the_percentile():
 
 
 def test_modality_detection(ct_phantom, mri_phantom):
-    assert detect_modality(ct_phantom.image) == "ct"
-    assert detect_modality(mri_phantom.image) == "mri"
+    """CT by values below -50 HU (air, fat), so also a CT clipped to its window (no air left) or
+    cropped inside the body; an MRI rescaled or z-scored stays an MRI."""
+    ct, mri = ct_phantom.image, mri_phantom.image
+    assert detect_modality(ct) == "ct" and detect_modality(mri) == "mri"
+    assert detect_modality(np.clip(ct, -125, 275)) == "ct"
+    x, y, z = (np.flatnonzero(ct_phantom.label.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    inside = ct[x[0]:x[-1] + 1, y[0]:y[-1] + 1, z[0]:z[-1] + 1]
+    assert np.percentile(inside, 1) > -500 and detect_modality(inside) == "ct"
+    for rescaled in ((mri - mri.mean()) / mri.std(), mri / mri.max(), np.rint(255 * mri / mri.max()).astype(np.uint8)):
+        assert detect_modality(rescaled) == "mri"
 
 
 def test_a_ct_stored_as_hu_plus_1024_is_windowed_as_hu(ct_phantom, mri_phantom):
