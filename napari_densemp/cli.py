@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("painted", nargs="?", type=Path, help="mask with the structure painted on 1+ slices")
     parser.add_argument("-o", "--out", type=Path, help="output mask (NIfTI); with --demo, a folder")
     parser.add_argument("--model", default="default",
-                        help="'default' (the bundled v0), 'v2' (bundled: fine-tuned, better on CT and across "
-                             "patients) or a checkpoint file")
+                        help="'default' (the bundled v3), 'v0' or 'v2' (bundled) or a checkpoint file")
     parser.add_argument("--label", type=int, help="propagate only this painted value (default: every structure "
                         "painted, or every label of --support-mask; with several, outputs keep their values)")
     parser.add_argument("--axis", default="auto", choices=["auto", "0", "1", "2"],
@@ -59,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "goes; on CT the structure ends at the first slice with under 30%% of its voxels in "
                              "it. --no-intensity-band for an MRI with strong intensity inhomogeneity; "
                              "default: on (the model's own setting)")
+    parser.add_argument("--keep-outlines", action="store_true",
+                        help="a painted slice that is a closed outline (its unpainted inside at least as large "
+                             "as what is painted) is filled, its inside taken as the structure, unless this is "
+                             "given: for a ring-shaped structure with a wide hole")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
@@ -95,7 +98,8 @@ def _progress_bar():
 def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_source: str = "default",
                  label: int | None = None, axis: int | None = None, modality: str = "auto", device: str = "auto",
                  between_painted: bool = False, overwrite: bool = False,
-                 mirror_average: bool | None = None, intensity_band: bool | None = None) -> dict:
+                 mirror_average: bool | None = None, intensity_band: bool | None = None,
+                 keep_outlines: bool = False) -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`), each
@@ -127,7 +131,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
         axis = painting_axis(painted if label is None else painted == label, affine=scan.affine)
     model = load_model(model_source, device)
     options = model.default_options(between_painted_only=between_painted, **_mirror(mirror_average),
-                                    **_intensity_band(intensity_band))
+                                    **_intensity_band(intensity_band), **_outlines(keep_outlines))
     update, close = _progress_bar()
     try:
         if several:
@@ -144,7 +148,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
                           "voxels": voxels[value], "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence,
-                          "read_as": r.read_as, "tip": larger_slice_tip(r.mask, painted == value, r.axis)}
+                          "read_as": r.read_as, "tip": larger_slice_tip(r.mask, painted == value, r.axis),
+                          "outlines": r.filled_outlines}
                   for value, r in sorted(results.items())}
     return {"out": out_path, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
@@ -166,6 +171,11 @@ def _intensity_band(choice: bool | None) -> dict:
     from .engine import INTENSITY_BAND_OFF
 
     return dict(INTENSITY_BAND_OFF) if choice is False else {}
+
+
+def _outlines(keep: bool) -> dict:
+    """``--keep-outlines`` as an options override; without it, the model's setting (filled)."""
+    return {"fill_outlines": False} if keep else {}
 
 
 def _axis(choice: str, painted: np.ndarray | None = None, affine: np.ndarray | None = None) -> int | None:
@@ -209,7 +219,8 @@ def run_folder(args: argparse.Namespace) -> int:
 
     try:
         rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask, support.scan.affine),
-                              model.default_options(**_mirror(args.mirror_average)), overwrite=args.overwrite,
+                              model.default_options(**_mirror(args.mirror_average), **_outlines(args.keep_outlines)),
+                              overwrite=args.overwrite,
                               on_scan=done, modality=args.modality)
     finally:
         bar.close()
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite,
-                               args.mirror_average, args.intensity_band)
+                               args.mirror_average, args.intensity_band, args.keep_outlines)
         structures = summary["structures"]
         for value, structure in structures.items():
             rng = structure["slice_range"]
@@ -277,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rng[0]}..{rng[1]} along axis {structure['axis']} (painted {structure['painted']}), read as "
                   f"{structure['read_as']}", end="")
             print(f", {time.perf_counter() - start:.1f} s" if len(structures) == 1 else "")
+            for axis, z in structure["outlines"]:
+                print(f"  the painting on slice {z} of axis {axis} is a closed outline: its inside was taken as the "
+                      f"structure (--keep-outlines keeps it a ring)")
             if structure["tip"]:
                 print(f"  tip: {structure['tip']}")
         if len(structures) > 1:

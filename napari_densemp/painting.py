@@ -10,6 +10,7 @@ from typing import Literal
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from .errors import DenseMPError
 
@@ -169,7 +170,9 @@ def larger_slice(mask: np.ndarray, painted: np.ndarray, axis: int,
     (axis,) = planes
     others = tuple(a for a in range(3) if a != axis)
     areas = mask.sum(axis=others).astype(np.float64)
-    painted_areas = painted.sum(axis=others)
+    painted_areas = np.zeros(painted.shape[axis], np.int64)
+    for z in np.flatnonzero(painted.any(axis=others)):  # a painted outline counts with its inside
+        painted_areas[z] = filled(np.take(painted, z, axis=axis)).sum()
     areas[painted_areas > 0] = 0
     largest = int(areas.argmax())
     times = float(areas[largest] / max(painted_areas.max(), 1))
@@ -183,3 +186,56 @@ def larger_slice_tip(mask: np.ndarray, painted: np.ndarray, axis: int) -> str | 
         return None
     axis, z, times = found
     return f"check slice {z} of axis {axis} ({times:.1f}x the painted area): paint it there too"
+
+
+def filled(mask: np.ndarray) -> np.ndarray:
+    """A 2D mask with its holes filled (as ``ndimage.binary_fill_holes``, 10x faster on a large
+    slice): the unmasked parts of its bounding box that do not reach the box's edge."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return mask
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    components, count = ndimage.label(~mask[box])
+    if count == 0:
+        return mask
+    edge = np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]])
+    holes = ~np.isin(components, edge) & (components > 0)
+    out = mask.copy()
+    out[box] |= holes
+    return out
+
+
+def has_holes(painted: np.ndarray, share: float = 0.01) -> bool:
+    """Whether any painted slice (first axis) encloses unpainted holes of more than ``share`` of
+    its area: the structure is ring-shaped, or the user left something out, and drawn slices
+    keep their holes; a brush's pinholes do not count."""
+    for plane in painted:
+        area = int(plane.sum())
+        if area and (filled(plane).sum() - area) > share * area:
+            return True
+    return False
+
+def filled_outlines(binary: np.ndarray, axis: int, ratio: float = 1.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``binary`` with every painted slice that is a closed outline filled, and those (axis,
+    slice): on each plane painted (:func:`painted_planes`), a slice whose painting encloses
+    unpainted holes of at least ``ratio`` x its own area.
+
+    A contour drawn around an organ is the organ to whoever drew it; taken as painted, its
+    prototypes are the organ's edge and its inside is background, and phantom organs painted so
+    came out at 1-4 Dice instead of 75-96. A ring-shaped structure whose hole is smaller than its
+    wall, and a painting with a vessel left out, are not outlines and keep their holes.
+    """
+    out, done = binary, []
+    for across, slices in painted_planes(binary, axis).items():
+        for z in slices:
+            index = [slice(None)] * 3
+            index[across] = z
+            plane = binary[tuple(index)]
+            area = int(plane.sum())
+            whole = filled(plane)
+            if area and whole.sum() - area >= ratio * area:
+                if out is binary:
+                    out = binary.copy()
+                out[tuple(index)] = whole
+                done.append((across, int(z)))
+    return out, done

@@ -61,6 +61,14 @@ class _Undo:
     previous: np.ndarray | None  # its data before; None: the propagation created it
 
 
+def _outline_note(result) -> str:
+    """A status line when a painted outline was filled (:func:`filled_outlines`)."""
+    if not result.filled_outlines:
+        return ""
+    return ("\nThe painting is a closed outline: its inside was taken as the structure (untick "
+            "'fill painted outlines' to keep a ring).")
+
+
 def _tips(request: _Request, labels: list[int], values: np.ndarray) -> list[str]:
     """Status lines naming a slice worth painting too (:func:`larger_slice_tip`), per structure."""
     from .painting import larger_slice_tip, painting_axis
@@ -89,6 +97,7 @@ class _Request:
     between_painted_only: bool
     mirror_average: bool
     intensity_band: bool = True  # unticked: both intensity-band rules off (MRI voxels, CT stop)
+    fill_outlines: bool = True  # unticked: a painted closed outline stays a ring
     modality: str = "auto"  # "auto", "ct" or "mri": how the scans' intensities are read
     axis_auto: bool = False  # each structure walked across the plane it was painted on (axis: the slider's)
     image_layer: Any = None
@@ -99,11 +108,12 @@ class _Request:
 
     def options(self, model, **rules):
         """The model's propagation rules with this request's choices (an unticked mirror box keeps
-        the model's own setting; an unticked intensity box turns the band rules off)."""
+        the model's own setting; an unticked intensity or outline box turns that rule off)."""
         from .engine import INTENSITY_BAND_OFF
 
         return model.default_options(**rules, **({"mirror_average": True} if self.mirror_average else {}),
-                                     **({} if self.intensity_band else INTENSITY_BAND_OFF))
+                                     **({} if self.intensity_band else INTENSITY_BAND_OFF),
+                                     **({} if self.fill_outlines else {"fill_outlines": False}))
 
     def on_stored_grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int, np.ndarray]:
         """Volume, painting, spacing, slicing axis and affine on the scan's stored grid: the engine
@@ -168,6 +178,10 @@ class OneShotWidget(Container):
                                       "a quarter) are dropped, so a spill into a neighbour of another brightness is "
                                       "cut back. On CT, the structure ends at the first slice with under 30% of its "
                                       "voxels in that range. Untick for an MRI with strong intensity inhomogeneity.")
+        self._outlines = CheckBox(text="fill painted outlines", value=True,
+                                  tooltip="A painted slice that is a closed outline (its unpainted inside at least "
+                                          "as large as what is painted) is filled: its inside is the structure. "
+                                          "Untick for a ring-shaped structure with a wide hole.")
         self._propagate = PushButton(text="Propagate")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._undo = PushButton(text="Undo propagation", enabled=False)
@@ -184,9 +198,9 @@ class OneShotWidget(Container):
         self._segment_folder = PushButton(text="Segment folder")
         self.extend([self._image, self._painted, self._new_painting, self._label, self._target, self._model,
                      self._checkpoint, self._device, self._modality, self._axis, self._between, self._mirror,
-                     self._band, self._propagate, self._cancel, self._undo, self._progress, self._status,
-                     self._slice_info, self._many_title, self._open_images, self._scans_dir, self._results_dir,
-                     self._segment_folder])
+                     self._band, self._outlines, self._propagate, self._cancel, self._undo, self._progress,
+                     self._status, self._slice_info, self._many_title, self._open_images, self._scans_dir,
+                     self._results_dir, self._segment_folder])
 
         self._models: dict[tuple[str, str], Any] = {}
         self._feature_cache = None  # created with the engine on first use (torch loads lazily)
@@ -270,7 +284,8 @@ class OneShotWidget(Container):
             spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),
             label=int(self._label.value) or None, model_source=source, device=self._device.value,
             between_painted_only=bool(self._between.value), mirror_average=bool(self._mirror.value),
-            intensity_band=bool(self._band.value), modality=str(self._modality.value),
+            intensity_band=bool(self._band.value), fill_outlines=bool(self._outlines.value),
+            modality=str(self._modality.value),
             axis_auto=self._axis.value == "auto", image_layer=image, geometry=Geometry.from_metadata(image.metadata))
 
     # ------------------------------------------------------------------ running
@@ -320,7 +335,8 @@ class OneShotWidget(Container):
         result = replace(results[labels[0]], confidence=confidence,
                          seconds_features=sum(r.seconds_features for r in results.values()),
                          seconds_head=sum(r.seconds_head for r in results.values()),
-                         reused_features=all(r.reused_features for r in results.values()))
+                         reused_features=all(r.reused_features for r in results.values()),
+                         filled_outlines=[o for r in results.values() for o in r.filled_outlines])
         values, result.confidence = request.to_display(values, result.confidence)
         result.mask = values != 0
         on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))
@@ -478,7 +494,7 @@ class OneShotWidget(Container):
         self._say(f"'{layer.name}': {extent} along axis {request.axis}\n"
                   f"volume {volumes}; read as {result.read_as}\n"
                   f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
-                  f"{seconds:.1f} s ({features})" + "".join(_tips(request, labels, values)))
+                  f"{seconds:.1f} s ({features})" + _outline_note(result) + "".join(_tips(request, labels, values)))
         self._last = (layer, summary)
         self._show_slice_info()
 

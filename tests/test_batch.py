@@ -80,6 +80,24 @@ def test_segment_like_finds_the_organ_at_another_height(ct_phantom, other_ct, de
     assert first >= extent[0] - overshoot and last <= extent[-1] + overshoot
 
 
+def test_a_support_painted_as_an_outline_is_found_as_if_painted_whole(ct_phantom, other_ct, default_model):
+    """The support's liver drawn as its contour is filled, so the query's mask is that of the
+    liver painted whole; kept as a ring, the query's liver is not found."""
+    from scipy import ndimage
+
+    painted, z = paint_largest(ct_phantom.label, LIVER)
+    contour = painted.copy()
+    contour[..., z] &= ~ndimage.binary_erosion(painted[..., z], iterations=2)
+    run = dict(support_spacing=ct_phantom.spacing, query_spacing=other_ct.spacing)
+    whole, drawn = (segment_like(ct_phantom.image, p, other_ct.image, default_model, **run) for p in (painted, contour))
+    assert drawn.filled_outlines == [(2, z)]
+    np.testing.assert_array_equal(drawn.mask, whole.mask)
+    ring = segment_like(ct_phantom.image, contour, other_ct.image, default_model,
+                        options=default_model.default_options(fill_outlines=False), **run)
+    truth = other_ct.label == LIVER
+    assert dice(whole.mask, truth) > 0.7 and dice(ring.mask, truth) < 0.1  # 0.73 and 0.002
+
+
 def test_segment_like_tells_the_right_kidney_from_the_left(ct_phantom, other_ct, default_model):
     painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
     result = segment_like(ct_phantom.image, painted, other_ct.image, default_model, ct_phantom.spacing,

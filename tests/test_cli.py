@@ -60,6 +60,26 @@ def test_segments_with_exact_geometry(files, phantom, capsys):
     assert f"{voxels} voxels ({ml:.1f} ml) on slices" in capsys.readouterr().out
 
 
+def test_a_painted_outline_is_filled_and_said_so_unless_kept(files, phantom, capsys):
+    """The kidney drawn as its contour: the run says the slice's outline was filled and gives the
+    kidney; with --keep-outlines the contour stays a ring and nothing like the kidney comes out."""
+    from scipy import ndimage
+
+    folder, image, painted_path, affine = files
+    painted = read_nifti(painted_path).data
+    z = int(np.flatnonzero(painted.any(axis=(0, 1)))[0])
+    painted[..., z] &= ~ndimage.binary_erosion(painted[..., z], iterations=2).astype(painted.dtype)
+    contour = write_nifti(folder / "kidney_contour.nii.gz", painted, affine)
+    truth = phantom.label == RIGHT_KIDNEY
+    filled_out, kept_out = folder / "from_contour.nii.gz", folder / "from_contour_kept.nii.gz"
+    assert main([str(image), str(contour), "-o", str(filled_out)]) == 0
+    assert f"the painting on slice {z} of axis 2 is a closed outline" in capsys.readouterr().out
+    assert main([str(image), str(contour), "-o", str(kept_out), "--keep-outlines"]) == 0
+    assert "outline" not in capsys.readouterr().out
+    filled_dice, kept_dice = (dice(read_nifti(f).data.astype(bool), truth) for f in (filled_out, kept_out))
+    assert filled_dice >= 0.7 and kept_dice < 0.1, (filled_dice, kept_dice)
+
+
 def test_a_ct_stored_as_hu_plus_1024_gives_the_hu_mask_when_said_to_be_ct(files, phantom, capsys):
     """Auto reads a CT stored as HU + 1024 as MRI (and says so, with the hint); ``--modality ct``
     reads it as the HU scan it is: the same mask, voxel for voxel."""

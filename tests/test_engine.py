@@ -23,7 +23,7 @@ from napari_densemp.engine import (
     propagate_labels,
 )
 from napari_densemp.errors import DenseMPError
-from napari_densemp.painting import larger_slice_tip
+from napari_densemp.painting import filled_outlines, larger_slice_tip
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, SPLEEN
 
 from .conftest import dice, paint_largest
@@ -420,6 +420,27 @@ def test_a_scan_stored_another_way_gets_the_same_mask(ct_phantom, default_model)
     assert dice(stored.mask, ct_phantom.label == RIGHT_KIDNEY) >= 0.70
 
 
+def test_an_organ_painted_as_its_outline_gives_the_painted_organs_mask(ct_phantom, default_model):
+    """The liver drawn as a 2-pixel contour on its largest slice: filled, it gives exactly the mask
+    of the liver painted whole, and the result says which slice was filled; kept as painted (the
+    option off) the contour's inside is background and the walk finds nothing like the liver."""
+    from scipy import ndimage
+
+    painted, z = paint_largest(ct_phantom.label, LIVER)
+    truth = ct_phantom.label == LIVER
+    contour = painted.copy()
+    contour[..., z] = truth[..., z] & ~ndimage.binary_erosion(truth[..., z], iterations=2)
+    assert (ndimage.binary_fill_holes(contour[..., z]) == truth[..., z]).all()
+    run = dict(spacing=ct_phantom.spacing, affine=ct_phantom.affine)
+    whole, drawn = (propagate(ct_phantom.image, p, default_model, **run) for p in (painted, contour))
+    assert drawn.filled_outlines == [(2, z)] and whole.filled_outlines == []
+    np.testing.assert_array_equal(drawn.mask, whole.mask)
+    assert dice(drawn.mask, truth) >= 0.8
+    kept = propagate(ct_phantom.image, contour, default_model,
+                     options=default_model.default_options(fill_outlines=False), **run)
+    assert kept.filled_outlines == [] and dice(kept.mask, truth) < 0.1
+
+
 def test_a_ct_clipped_to_its_window_is_read_as_the_ct_it_is(ct_phantom, default_model):
     """Shipped clipped to [-125, 275] HU (no air left), the phantom CT is still read as CT, and the
     mask is the unclipped scan's, voxel for voxel (the model's CT window is that range)."""
@@ -552,6 +573,32 @@ def test_the_tip_names_the_slice_where_the_result_outgrew_the_painting():
     assert larger_slice_tip(cone, two_planes, axis=2) is None
     coronal = np.moveaxis(cone, 2, 1)  # the same cone walked across axis 1
     assert larger_slice_tip(coronal, np.moveaxis(tip_painting, 2, 1), axis=1).startswith("check slice 5 of axis 1")
+    outline = np.zeros_like(cone)  # the widest slice painted as its outline: its inside counts, no tip
+    outline[..., 5] = cone[..., 5] & ~_disc((40, 40), (20, 20), 10)
+    assert larger_slice_tip(cone, outline, axis=2) is None
+
+
+def test_a_painted_closed_outline_is_filled_and_a_ring_or_a_left_out_vessel_is_not():
+    """An outline drawn around a structure (inside unpainted, at least as large as the stroke) is
+    the structure; a ring whose hole is smaller than its wall, a vessel left out, an open stroke
+    and a painting on a coronal slice are told apart, each on its own plane."""
+    disc = _disc((40, 40), (20, 20), 12)
+    outline, ring, vessel = (disc & ~_disc((40, 40), (20, 20), r) for r in (10, 5, 2))
+    open_stroke = outline & (np.arange(40) < 30)[None, :]  # a gap: nothing enclosed
+    volume = np.zeros((40, 40, 6), bool)
+    for z, painting in enumerate((outline, ring, vessel, open_stroke)):
+        volume[..., z] = painting
+    out, done = filled_outlines(volume, axis=2)
+    assert done == [(2, 0)]
+    np.testing.assert_array_equal(out[..., 0], disc)
+    np.testing.assert_array_equal(out[..., 1:], volume[..., 1:])
+    coronal = np.zeros((40, 3, 40), bool)
+    coronal[:, 1, :] = outline  # drawn on slice 1 across axis 1
+    out, done = filled_outlines(coronal, axis=1)
+    assert done == [(1, 1)]
+    np.testing.assert_array_equal(out[:, 1, :], disc)
+    untouched, none = filled_outlines(volume[..., 1:], axis=2)
+    assert none == [] and np.array_equal(untouched, volume[..., 1:])
 
 
 def test_a_3d_mask_is_walked_across_the_scans_axial_axis():

@@ -141,6 +141,28 @@ def test_a_painting_near_the_end_gets_a_tip_naming_a_slice(viewer_with_sample):
     assert label.height() >= label.heightForWidth(label.width()) >= 4 * label.fontMetrics().height()
 
 
+def test_a_painted_outline_is_filled_unless_the_box_is_unticked(viewer_with_sample):
+    """The sample's liver redrawn as its contour: the widget fills it, says so, and gives what the
+    whole painting gives; unticked, the contour is kept and nothing like the liver comes out."""
+    from scipy import ndimage
+
+    viewer, widget = viewer_with_sample
+    painting = viewer.layers["liver painted"]
+    whole = _engine_result(viewer)
+    data = painting.data.copy()
+    z = int(np.flatnonzero(data.any(axis=(1, 2)))[0])
+    data[z][ndimage.binary_erosion(data[z] > 0, iterations=2)] = 0
+    painting.data = data
+    _run(widget)
+    assert "The painting is a closed outline: its inside was taken as the structure" in widget._status.value
+    np.testing.assert_array_equal(viewer.layers["phantom CT 6 propagated"].data, whole)
+    widget._outlines.value = False
+    _run(widget)
+    assert "outline" not in widget._status.value
+    ring = viewer.layers[-1].data == LIVER
+    assert dice(ring, _truth_on_display_grid(viewer)) < 0.1
+
+
 def test_a_new_painting_layer_takes_the_images_grid_and_is_ready_to_paint(viewer_with_sample):
     viewer, widget = viewer_with_sample
     image, before = viewer.layers["phantom CT"], viewer.layers["liver painted"].data.copy()
