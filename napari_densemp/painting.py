@@ -215,10 +215,14 @@ def has_holes(painted: np.ndarray, share: float = 0.01) -> bool:
             return True
     return False
 
+# A hand-drawn contour whose ends miss each other by up to about twice this (pixels) still closes.
+OUTLINE_GAP_PX = 3
+
+
 def filled_outlines(binary: np.ndarray, axis: int, ratio: float = 1.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """``binary`` with every painted slice that is a closed outline filled, and those (axis,
-    slice): on each plane painted (:func:`painted_planes`), a slice whose painting encloses
-    unpainted holes of at least ``ratio`` x its own area.
+    slice): on each plane painted (:func:`painted_planes`), a slice whose painting, with gaps of
+    a few pixels closed, encloses unpainted holes of at least ``ratio`` x its own area.
 
     A contour drawn around an organ is the organ to whoever drew it; taken as painted, its
     prototypes are the organ's edge and its inside is background, and phantom organs painted so
@@ -226,13 +230,18 @@ def filled_outlines(binary: np.ndarray, axis: int, ratio: float = 1.0) -> tuple[
     wall, and a painting with a vessel left out, are not outlines and keep their holes.
     """
     out, done = binary, []
+    disk = np.hypot(*np.ogrid[-OUTLINE_GAP_PX:OUTLINE_GAP_PX + 1, -OUTLINE_GAP_PX:OUTLINE_GAP_PX + 1]) <= OUTLINE_GAP_PX
     for across, slices in painted_planes(binary, axis).items():
         for z in slices:
             index = [slice(None)] * 3
             index[across] = z
             plane = binary[tuple(index)]
             area = int(plane.sum())
-            whole = filled(plane)
+            # grown over its gaps, filled, shrunk back: a thin stroke's small gap is bridged
+            grown = ndimage.binary_dilation(np.pad(plane, OUTLINE_GAP_PX + 1), disk)
+            inside = ndimage.binary_erosion(filled(grown), disk)[
+                OUTLINE_GAP_PX + 1:-OUTLINE_GAP_PX - 1, OUTLINE_GAP_PX + 1:-OUTLINE_GAP_PX - 1]
+            whole = filled(plane | inside)
             if area and whole.sum() - area >= ratio * area:
                 if out is binary:
                     out = binary.copy()
