@@ -217,6 +217,8 @@ def has_holes(painted: np.ndarray, share: float = 0.01) -> bool:
 
 # A hand-drawn contour whose ends miss each other by up to about twice this (pixels) still closes.
 OUTLINE_GAP_PX = 3
+_GAP_DISK = np.hypot(*np.ogrid[-OUTLINE_GAP_PX:OUTLINE_GAP_PX + 1, -OUTLINE_GAP_PX:OUTLINE_GAP_PX + 1]) \
+    <= OUTLINE_GAP_PX
 
 
 def filled_outlines(binary: np.ndarray, axis: int, ratio: float = 1.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -230,21 +232,37 @@ def filled_outlines(binary: np.ndarray, axis: int, ratio: float = 1.0) -> tuple[
     wall, and a painting with a vessel left out, are not outlines and keep their holes.
     """
     out, done = binary, []
-    disk = np.hypot(*np.ogrid[-OUTLINE_GAP_PX:OUTLINE_GAP_PX + 1, -OUTLINE_GAP_PX:OUTLINE_GAP_PX + 1]) <= OUTLINE_GAP_PX
     for across, slices in painted_planes(binary, axis).items():
         for z in slices:
             index = [slice(None)] * 3
             index[across] = z
-            plane = binary[tuple(index)]
-            area = int(plane.sum())
-            # grown over its gaps, filled, shrunk back: a thin stroke's small gap is bridged
-            grown = ndimage.binary_dilation(np.pad(plane, OUTLINE_GAP_PX + 1), disk)
-            inside = ndimage.binary_erosion(filled(grown), disk)[
-                OUTLINE_GAP_PX + 1:-OUTLINE_GAP_PX - 1, OUTLINE_GAP_PX + 1:-OUTLINE_GAP_PX - 1]
-            whole = filled(plane | inside)
-            if area and whole.sum() - area >= ratio * area:
+            whole = _outline_filled(binary[tuple(index)], ratio)
+            if whole is not None:
                 if out is binary:
                     out = binary.copy()
                 out[tuple(index)] = whole
                 done.append((across, int(z)))
     return out, done
+
+
+def _outline_filled(plane: np.ndarray, ratio: float) -> np.ndarray | None:
+    """A 2D painting filled if it is an outline (:func:`filled_outlines`), else None; worked in
+    its bounding box, so that a whole 3D mask is checked in a fraction of a second."""
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return None
+    area = int(plane.sum())
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    crop = plane[box]
+    if crop.size - area < ratio * area:  # too little unpainted room in its box to enclose that much
+        return None
+    pad = OUTLINE_GAP_PX + 1
+    # grown over its gaps, filled, shrunk back: a thin stroke's small gap is bridged
+    grown = ndimage.binary_dilation(np.pad(crop, pad), _GAP_DISK)
+    inside = ndimage.binary_erosion(filled(grown), _GAP_DISK)[pad:-pad, pad:-pad]
+    whole = filled(crop | inside)
+    if whole.sum() - area < ratio * area:
+        return None
+    out = plane.copy()
+    out[box] = whole
+    return out
