@@ -220,8 +220,7 @@ def run_folder(args: argparse.Namespace) -> int:
     try:
         rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask, support.scan.affine),
                               model.default_options(**_mirror(args.mirror_average), **_outlines(args.keep_outlines)),
-                              overwrite=args.overwrite,
-                              on_scan=done, modality=args.modality)
+                              overwrite=args.overwrite, on_scan=done, modality=args.modality)
     finally:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"

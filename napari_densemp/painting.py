@@ -1,7 +1,7 @@
 """What a painting says: which labels, on which slices of which planes, across which axis.
 
-Plain numpy on the user's mask, before any model runs; bad paintings get a message that says
-what to change.
+Plain numpy (and scipy) on the user's mask, before any model runs; bad paintings get a message
+that says what to change.
 """
 
 from __future__ import annotations
@@ -214,6 +214,7 @@ def has_holes(painted: np.ndarray, share: float = 0.01) -> bool:
         if area and (filled(plane).sum() - area) > share * area:
             return True
     return False
+
 
 # A hand-drawn contour whose ends miss each other by up to about twice this (pixels) still closes.
 OUTLINE_GAP_PX = 3
