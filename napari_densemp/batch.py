@@ -53,6 +53,18 @@ class Support:
             raise DenseMPError(f"Label {self.label} is not in the support mask; its values: "
                                f"{', '.join(map(str, values[:8]))}.")
 
+    def outlines(self, axis: int) -> dict[int, list[tuple[int, int]]]:
+        """Per structure, the (axis, slice) of its painting that are closed outlines: the engine
+        fills them (``fill_outlines``); a folder run says so once, before its first scan."""
+        from .painting import filled_outlines, integer_painting, painting_axis
+
+        labels = [self.label] if self.label is not None else painted_labels(self.mask)
+        found = {}
+        for value in labels:
+            structure = integer_painting(self.mask) == value
+            found[value] = filled_outlines(structure, painting_axis(structure, default=axis))[1]
+        return {value: slices for value, slices in found.items() if slices}
+
     @classmethod
     def from_files(cls, image: str | Path, mask: str | Path, label: int | None = None) -> Support:
         scan, painted = read_scan(image), read_scan(mask)

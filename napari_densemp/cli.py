@@ -208,6 +208,13 @@ def run_folder(args: argparse.Namespace) -> int:
     if not scans:
         raise DenseMPError(f"No NIfTI file or DICOM folder matching {args.pattern!r} in {args.scans}.")
     model = load_model(args.model, args.device)
+    axis = _axis(args.axis, support.mask, support.scan.affine)
+    if not args.keep_outlines:
+        for value, outlines in support.outlines(axis).items():
+            for across, z in outlines:
+                print(f"the support's painting{f' of label {value}' if support.label is None else ''} on slice {z} "
+                      f"of axis {across} is a closed outline: its inside is taken as the structure "
+                      f"(--keep-outlines keeps it a ring)")
     bar = tqdm(total=len(scans), unit=" scans", desc="segmenting")
 
     def done(rows) -> None:
@@ -218,7 +225,7 @@ def run_folder(args: argparse.Namespace) -> int:
             tqdm.write(f"{row.scan}: failed: {row.message}", file=sys.stderr)
 
     try:
-        rows = segment_folder(support, scans, out_dir, model, _axis(args.axis, support.mask, support.scan.affine),
+        rows = segment_folder(support, scans, out_dir, model, axis,
                               model.default_options(**_mirror(args.mirror_average), **_outlines(args.keep_outlines)),
                               overwrite=args.overwrite, on_scan=done, modality=args.modality)
     finally:

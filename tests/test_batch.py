@@ -224,6 +224,23 @@ def test_folder_cli_reports_a_summary_and_exit_code(folder, capsys):
     assert "needs --support-image, --support-mask and --scans" in capsys.readouterr().err
 
 
+def test_a_folder_run_says_when_the_support_is_an_outline(folder, ct_phantom, tmp_path, capsys):
+    """The support's liver drawn as its contour: the folder run says once that it was filled, and
+    the scan's liver is found as from the filled painting."""
+    from scipy import ndimage
+
+    root, truths = folder
+    painted, z = paint_largest(ct_phantom.label, LIVER)
+    painted[..., z] &= ~ndimage.binary_erosion(painted[..., z], iterations=2)
+    contour = write_nifti(tmp_path / "contour.nii.gz", painted, ct_phantom.affine)
+    code = segment_main(["--support-image", str(root / "support.nii.gz"), "--support-mask", str(contour),
+                         "--scans", str(root / "scans"), "--pattern", "a.nii.gz", "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("is a closed outline") == 1 and f"on slice {z} of axis 2 is a closed outline" in printed
+    assert dice(read_nifti(tmp_path / "out" / "a.nii.gz").data.astype(bool), truths["a"]) > 0.7
+
+
 def test_a_folder_run_reads_scans_as_told_and_says_how(folder, tmp_path):
     """``--modality`` reaches every scan of a folder; the table says how each scan was read."""
     root, truths = folder
