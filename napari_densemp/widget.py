@@ -61,12 +61,9 @@ class _Undo:
     previous: np.ndarray | None  # its data before; None: the propagation created it
 
 
-def _outline_note(result) -> str:
-    """A status line when a painted outline was filled (:func:`filled_outlines`)."""
-    if not result.filled_outlines:
-        return ""
-    return ("\nThe painting is a closed outline: its inside was taken as the structure (untick "
-            "'fill painted outlines' to keep a ring).")
+# The status line when a painted outline was filled (:func:`~napari_densemp.painting.filled_outlines`).
+_OUTLINE_NOTE = ("\nThe painting is a closed outline: its inside was taken as the structure (untick "
+                 "'fill painted outlines' to keep a ring).")
 
 
 def _tips(request: _Request, labels: list[int], values: np.ndarray) -> list[str]:
@@ -494,7 +491,8 @@ class OneShotWidget(Container):
         self._say(f"'{layer.name}': {extent} along axis {request.axis}\n"
                   f"volume {volumes}; read as {result.read_as}\n"
                   f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
-                  f"{seconds:.1f} s ({features})" + _outline_note(result) + "".join(_tips(request, labels, values)))
+                  f"{seconds:.1f} s ({features})" + (_OUTLINE_NOTE if result.filled_outlines else "")
+                  + "".join(_tips(request, labels, values)))
         self._last = (layer, summary)
         self._show_slice_info()
 
@@ -593,7 +591,8 @@ class OneShotWidget(Container):
             lines.append(f"'{layer.name}': " + "; ".join(
                 (f"{label}: " if len(found) > 1 else "") + (f"slices {rng[0]}-{rng[1]}" if rng else "not found")
                 for label, rng in ranges) + f" (read as {next(iter(found.values())).read_as})")
-        self._say("\n".join(lines) + f"\n{seconds:.1f} s")
+        outlined = any(r.filled_outlines for _, _, found, _ in results if found for r in found.values())
+        self._say("\n".join(lines) + f"\n{seconds:.1f} s" + (_OUTLINE_NOTE if outlined else ""))
 
     def segment_folder(self) -> None:
         """Every scan of a folder, results as NIfTI in another folder with a summary table."""
@@ -631,17 +630,18 @@ class OneShotWidget(Container):
         rows = segment_folder(support, request.scans, request.results_dir, model, axis,
                               request.options(model), on_scan=on_scan,
                               cancel=self._cancel_flag.is_set, modality=request.modality)
-        return rows, write_summary(rows, request.results_dir / "summary.csv")
+        outlined = bool(request.fill_outlines and support.outlines(axis))
+        return rows, write_summary(rows, request.results_dir / "summary.csv"), outlined
 
     def _on_folder(self, request: _Request, outcome, seconds: float) -> None:
         from .batch import scan_counts
 
-        rows, summary = outcome
+        rows, summary, outlined = outcome
         failed = [r for r in rows if r.status == "failed"]
         counts = scan_counts(rows)
         text = (f"{counts['done']} segmented, {counts['skipped (exists)']} already done, {len(failed)} failed of "
                 f"{len(request.scans)} in {seconds:.1f} s; table: {summary}")
-        self._say(text + "".join(f"\n{r.scan}: {r.message}" for r in failed[:5]))
+        self._say(text + "".join(f"\n{r.scan}: {r.message}" for r in failed[:5]) + (_OUTLINE_NOTE if outlined else ""))
         if failed:
             from napari.utils.notifications import show_warning
 

@@ -141,9 +141,10 @@ def test_a_painting_near_the_end_gets_a_tip_naming_a_slice(viewer_with_sample):
     assert label.height() >= label.heightForWidth(label.width()) >= 4 * label.fontMetrics().height()
 
 
-def test_a_painted_outline_is_filled_unless_the_box_is_unticked(viewer_with_sample):
+def test_a_painted_outline_is_filled_unless_the_box_is_unticked(viewer_with_sample, tmp_path):
     """The sample's liver redrawn as its contour: the widget fills it, says so, and gives what the
-    whole painting gives; unticked, the contour is kept and nothing like the liver comes out."""
+    whole painting gives, in the scan and in another open scan; unticked, the contour is kept and
+    nothing like the liver comes out."""
     from scipy import ndimage
 
     viewer, widget = viewer_with_sample
@@ -154,12 +155,25 @@ def test_a_painted_outline_is_filled_unless_the_box_is_unticked(viewer_with_samp
     data[z][ndimage.binary_erosion(data[z] > 0, iterations=2)] = 0
     painting.data = data
     _run(widget)
-    assert "The painting is a closed outline: its inside was taken as the structure" in widget._status.value
+    note = "The painting is a closed outline: its inside was taken as the structure"
+    assert note in widget._status.value
     np.testing.assert_array_equal(viewer.layers["phantom CT 6 propagated"].data, whole)
+    _, labels = _segment_in_another_open_ct(viewer, widget)  # as the support of another scan: filled too
+    assert note in widget._status.value
+    assert dice(viewer.layers["other CT 6 like phantom CT"].data == LIVER, labels == LIVER) > 0.7
+    from napari_densemp.io import write_nifti
+
+    (tmp_path / "scans").mkdir()
+    other = make_phantom(seed=21, modality="ct")
+    write_nifti(tmp_path / "scans" / "other.nii.gz", other.image, other.affine)
+    widget._scans_dir.value, widget._results_dir.value = tmp_path / "scans", tmp_path / "results"
+    widget.segment_folder()
+    widget.wait()
+    assert "1 segmented" in widget._status.value and note in widget._status.value
     widget._outlines.value = False
     _run(widget)
     assert "outline" not in widget._status.value
-    ring = viewer.layers[-1].data == LIVER
+    ring = [layer for layer in viewer.layers if layer.name.startswith("phantom CT 6 propagated")][-1].data == LIVER
     assert dice(ring, _truth_on_display_grid(viewer)) < 0.1
 
 
