@@ -268,7 +268,8 @@ class OneShotWidget(Container):
             raise DenseMPError(f"'{image.name}' is {image.ndim}D; one-shot segmentation needs a 3D volume.")
         if tuple(painted.data.shape) != tuple(image.data.shape):
             raise DenseMPError(f"'{painted.name}' has shape {tuple(painted.data.shape)} but '{image.name}' has "
-                               f"{tuple(image.data.shape)}: paint in a labels layer made for this image.")
+                               f"{tuple(image.data.shape)}: paint in a labels layer on this image's grid (the "
+                               f"'New painting layer' button makes one).")
         source = "default"
         if self._model.value == FILE_MODEL_CHOICE:
             source = str(self._checkpoint.value)
