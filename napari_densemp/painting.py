@@ -224,17 +224,22 @@ _GAP_DISK = np.hypot(*np.ogrid[-OUTLINE_GAP_PX:OUTLINE_GAP_PX + 1, -OUTLINE_GAP_
 
 def filled_outlines(binary: np.ndarray, axis: int, ratio: float = 1.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """``binary`` with every painted slice that is a closed outline filled, and those (axis,
-    slice): on each plane painted (:func:`painted_planes`), a slice whose painting, with gaps of
-    a few pixels closed, encloses unpainted holes of at least ``ratio`` x its own area.
+    slice): on each plane painted (:func:`painted_planes`), a slice painted on its own (its
+    neighbours are not) whose painting, with gaps of a few pixels closed, encloses unpainted
+    holes of at least ``ratio`` x its own area.
 
     A contour drawn around an organ is the organ to whoever drew it; taken as painted, its
     prototypes are the organ's edge and its inside is background, and phantom organs painted so
     came out at 1-4 Dice instead of 75-96. A ring-shaped structure whose hole is smaller than its
-    wall, and a painting with a vessel left out, are not outlines and keep their holes.
+    wall, a painting with a vessel left out, and a finished 3D mask (slices next to each other:
+    a hollow structure segmented so is meant) keep their holes.
     """
     out, done = binary, []
     for across, slices in painted_planes(binary, axis).items():
+        painted = set(slices)
         for z in slices:
+            if z - 1 in painted or z + 1 in painted:
+                continue
             index = [slice(None)] * 3
             index[across] = z
             whole = _outline_filled(binary[tuple(index)], ratio)

@@ -581,29 +581,31 @@ def test_the_tip_names_the_slice_where_the_result_outgrew_the_painting():
 def test_a_painted_closed_outline_is_filled_and_a_ring_or_a_left_out_vessel_is_not():
     """An outline drawn around a structure (inside unpainted, at least as large as the stroke) is
     the structure, also when its ends miss by a few pixels; a ring whose hole is smaller than its
-    wall, a vessel left out, a stroke open by 10 pixels and a painting on a coronal slice are told
-    apart, each on its own plane."""
+    wall, a vessel left out, a stroke open by 10 pixels, a 3D mask of a tube and a painting on a
+    coronal slice are told apart, each on its own plane."""
     disc = _disc((40, 40), (20, 20), 12)
     outline, ring, vessel = (disc & ~_disc((40, 40), (20, 20), r) for r in (10, 5, 2))
     nearly_closed = outline.copy()
     nearly_closed[19:22, 28:] = False  # the stroke's ends 3 pixels apart on the right
     open_stroke = outline & (np.arange(40) < 30)[None, :]  # 10 pixels open: nothing enclosed
-    volume = np.zeros((40, 40, 6), bool)
-    for z, painting in enumerate((outline, nearly_closed, ring, vessel, open_stroke)):
-        volume[..., z] = painting
+    volume = np.zeros((40, 40, 10), bool)
+    for i, painting in enumerate((outline, nearly_closed, ring, vessel, open_stroke)):
+        volume[..., 2 * i] = painting  # each slice painted on its own
     out, done = filled_outlines(volume, axis=2)
-    assert done == [(2, 0), (2, 1)]
+    assert done == [(2, 0), (2, 2)]
     np.testing.assert_array_equal(out[..., 0], disc)
-    gap = disc & ~out[..., 1]  # filled but for the gap's outer edge
-    assert not (out[..., 1] & ~disc).any() and gap.sum() <= (outline & ~nearly_closed).sum()
-    np.testing.assert_array_equal(out[..., 2:], volume[..., 2:])
+    gap = disc & ~out[..., 2]  # filled but for the gap's outer edge
+    assert not (out[..., 2] & ~disc).any() and gap.sum() <= (outline & ~nearly_closed).sum()
+    np.testing.assert_array_equal(out[..., 3:], volume[..., 3:])
     coronal = np.zeros((40, 3, 40), bool)
     coronal[:, 1, :] = outline  # drawn on slice 1 across axis 1
     out, done = filled_outlines(coronal, axis=1)
     assert done == [(1, 1)]
     np.testing.assert_array_equal(out[:, 1, :], disc)
-    untouched, none = filled_outlines(volume[..., 2:], axis=2)
-    assert none == [] and np.array_equal(untouched, volume[..., 2:])
+    untouched, none = filled_outlines(volume[..., 3:], axis=2)
+    assert none == [] and np.array_equal(untouched, volume[..., 3:])
+    tube = np.repeat(outline[..., None], 4, axis=2)  # a finished 3D mask of a hollow structure: kept
+    assert filled_outlines(tube, axis=2)[1] == []
 
 
 def test_a_3d_mask_is_walked_across_the_scans_axial_axis():
