@@ -61,6 +61,10 @@ class _Undo:
     previous: np.ndarray | None  # its data before; None: the propagation created it
 
 
+# What to paint: the engine takes the painting as the structure's appearance and edge (README).
+PAINT_HINT = ("Paint the structure's whole cross-section (or its closed outline) on one slice, where it "
+              "is large, then press Propagate.")
+
 # The status line when a painted outline was filled (:func:`~napari_densemp.painting.filled_outlines`).
 _OUTLINE_NOTE = ("\nThe painting is a closed outline: its inside was taken as the structure (untick "
                  "'fill painted outlines' to keep a ring).")
@@ -183,7 +187,7 @@ class OneShotWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._undo = PushButton(text="Undo propagation", enabled=False)
         self._progress = ProgressBar(value=0, min=0, max=100, label="progress", visible=False)
-        self._status = Label(value="Paint the structure on one slice, then press Propagate.")
+        self._status = Label(value=PAINT_HINT)
         self._slice_info = Label(value="")
         self._status.native.setWordWrap(True)
         self._status.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
@@ -240,7 +244,7 @@ class OneShotWidget(Container):
         self.viewer.layers.selection.active = layer
         layer.selected_label = 1
         layer.mode = "paint"
-        self._say("Paint the structure on one slice, then press Propagate.")
+        self._say(PAINT_HINT)
 
     def _target_choices(self, _widget=None) -> list:
         layers = [] if not hasattr(self, "viewer") else [
