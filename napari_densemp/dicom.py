@@ -82,6 +82,7 @@ def _sorted_series(folder: Path):
     if not folder.is_dir():
         raise DenseMPError(f"Not a folder: {folder}")
     series: dict[str, list] = defaultdict(list)
+    multi_frame = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -89,6 +90,11 @@ def _sorted_series(folder: Path):
             continue  # not DICOM (a DICOMDIR index, a text file): skipped
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
             series[str(getattr(ds, "SeriesInstanceUID", ""))].append((path, ds))
+        elif int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            multi_frame.append(path)
+    if not series and multi_frame:
+        raise DenseMPError(f"{multi_frame[0].name} in {folder} is a multi-frame (enhanced) DICOM image, which is "
+                           f"not read: convert it to NIfTI first (for example with dcm2niix).")
     if not series:
         raise DenseMPError(f"No DICOM images with position and orientation in {folder}.")
     files = max(series.values(), key=len)

@@ -140,6 +140,32 @@ def test_dicom_series_with_a_missing_slice_is_named(tmp_path):
         read_dicom_series(tmp_path / "series")
 
 
+def test_a_multi_frame_dicom_is_named_with_what_to_do(tmp_path):
+    """An enhanced (multi-frame) image keeps its slice positions in per-frame sequences, which are
+    not read: the message names the file and the way out."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from napari_densemp.dicom import read_dicom_series
+
+    (tmp_path / "enhanced").mkdir()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "enhanced" / "IM_0001"
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.NumberOfFrames, ds.Rows, ds.Columns = "MR", 4, 8, 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.zeros((4, 8, 8), np.uint16).tobytes()
+    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+    with pytest.raises(DenseMPError, match=r"IM_0001 .* is a multi-frame .*convert it to NIfTI"):
+        read_dicom_series(tmp_path / "enhanced")
+
+
 def test_phantom_sample_is_a_painted_scan_with_geometry():
     (image, image_kwargs, image_kind), (painted, painted_kwargs, painted_kind) = phantom_ct_sample()
     assert (image_kind, painted_kind) == ("image", "labels")
