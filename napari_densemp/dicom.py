@@ -47,11 +47,16 @@ def sorted_series_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_dicom_series(folder: str | os.PathLike) -> Scan:
-    """The largest image series in ``folder`` as a (columns, rows, slices) volume with its affine.
+    """The largest image series in ``folder`` as a (columns, rows, slices) volume with its affine;
+    or, where the folder holds no single-frame images, its first multi-frame (enhanced) image.
 
     Pixel values are rescaled (CT: Hounsfield units).
     """
-    files, positions, first, along_row, along_column = _sorted_series(Path(folder))
+    folder = Path(folder)
+    series, multi_frame = _collect(folder)
+    if not series and multi_frame:
+        return _read_multi_frame(multi_frame[0], folder)
+    files, positions, first, along_row, along_column = _sorted_series(folder, series)
     slices = []
     for path, _ in files:
         ds = pydicom.dcmread(path)
@@ -62,21 +67,24 @@ def read_dicom_series(folder: str | os.PathLike) -> Scan:
             raise DenseMPError(f"{path.name} has a different image size from the rest of its series.")
         slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
         slices.append(pixels * slope + intercept)
-    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
+    return _scan(slices, first.PixelSpacing, positions, along_row, along_column, folder)
 
-    row_mm, column_mm = (float(v) for v in first.PixelSpacing)  # between rows, between columns
-    step = (positions[-1] - positions[0]) / (len(files) - 1)
+
+def _scan(slices: list[np.ndarray], pixel_spacing, positions: np.ndarray, along_row: np.ndarray,
+          along_column: np.ndarray, path: Path) -> Scan:
+    """(rows, columns) slices in spatial order as a (columns, rows, slices) Scan with its RAS affine."""
+    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
+    row_mm, column_mm = (float(v) for v in pixel_spacing)  # between rows, between columns
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = along_row * column_mm  # column index moves along a row
     affine_lps[:3, 1] = along_column * row_mm
-    affine_lps[:3, 2] = step
+    affine_lps[:3, 2] = (positions[-1] - positions[0]) / (len(slices) - 1)
     affine_lps[:3, 3] = positions[0]
-    return Scan(data=volume, affine=LPS_TO_RAS @ affine_lps, header=None, path=Path(folder))
+    return Scan(data=volume, affine=LPS_TO_RAS @ affine_lps, header=None, path=path)
 
 
-def _sorted_series(folder: Path):
-    """(files with headers, positions, first header, row and column directions) of the largest
-    series, sorted along the slice normal; errors name what is wrong with the series."""
+def _collect(folder: Path) -> tuple[dict[str, list], list[Path]]:
+    """Single-frame images with position and orientation by series, and multi-frame image files."""
     if pydicom is None:
         raise DenseMPError('Reading DICOM needs pydicom: pip install "napari-densemp[dicom]".')
     if not folder.is_dir():
@@ -90,31 +98,78 @@ def _sorted_series(folder: Path):
             continue  # not DICOM (a DICOMDIR index, a text file): skipped
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and "PixelSpacing" in ds:
             series[str(getattr(ds, "SeriesInstanceUID", ""))].append((path, ds))
-        elif int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        elif int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in ds:
             multi_frame.append(path)
-    if not series and multi_frame:
-        raise DenseMPError(f"{multi_frame[0].name} in {folder} is a multi-frame (enhanced) DICOM image, which is "
-                           f"not read: convert it to NIfTI first (for example with dcm2niix).")
+    return series, multi_frame
+
+
+def _sorted_series(folder: Path, series: dict[str, list] | None = None):
+    """(files with headers, positions, first header, row and column directions) of the largest
+    series, sorted along the slice normal; errors name what is wrong with the series."""
+    if series is None:
+        series, _ = _collect(folder)
     if not series:
         raise DenseMPError(f"No DICOM images with position and orientation in {folder}.")
     files = max(series.values(), key=len)
     if len(files) < 2:
         raise DenseMPError(f"The DICOM series in {folder} has a single slice; a 3D volume needs several.")
-
     first = files[0][1]
-    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
-    along_row, along_column = orientation[:3], orientation[3:]
-    normal = np.cross(along_row, along_column)
+    along_row, along_column = _directions(first.ImageOrientationPatient)
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for _, ds in files])
-    order = np.argsort(positions @ normal)
-    files = [files[i] for i in order]
-    positions = positions[order]
-    gaps = np.diff(positions @ normal)
-    if np.any(gaps <= 1e-4):
-        raise DenseMPError(f"The DICOM series in {folder} has several slices at the same position "
-                           f"(several series or echoes mixed?).")
-    if gaps.max() - gaps.min() > 0.01 * gaps.mean() + 1e-3:
-        raise DenseMPError(f"The DICOM series in {folder} has uneven slice gaps "
-                           f"({gaps.min():.2f}-{gaps.max():.2f} mm): missing slices?")
+    order = _spatial_order(positions, along_row, along_column, f"The DICOM series in {folder}")
+    return [files[i] for i in order], positions[order], first, along_row, along_column
 
-    return files, positions, first, along_row, along_column
+
+def _directions(orientation) -> tuple[np.ndarray, np.ndarray]:
+    values = np.asarray(orientation, dtype=np.float64)
+    return values[:3], values[3:]
+
+
+def _spatial_order(positions: np.ndarray, along_row: np.ndarray, along_column: np.ndarray, what: str) -> np.ndarray:
+    """The slices' order along the slice normal; an error when two share a position (several
+    series or echoes mixed) or the gaps are uneven (missing slices)."""
+    normal = np.cross(along_row, along_column)
+    order = np.argsort(positions @ normal)
+    gaps = np.diff(positions[order] @ normal)
+    if np.any(gaps <= 1e-4):
+        raise DenseMPError(f"{what} has several slices at the same position (several series or echoes mixed?).")
+    if gaps.max() - gaps.min() > 0.01 * gaps.mean() + 1e-3:
+        raise DenseMPError(f"{what} has uneven slice gaps ({gaps.min():.2f}-{gaps.max():.2f} mm): missing slices?")
+    return order
+
+
+def _read_multi_frame(path: Path, folder: Path) -> Scan:
+    """A multi-frame (enhanced) image: each frame's position, orientation, spacing and rescaling
+    from its own functional groups, else the shared ones; one stack of parallel frames only."""
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    frames = ds.PerFrameFunctionalGroupsSequence
+    what = f"The multi-frame DICOM image {path.name} in {folder}"
+
+    def value(frame, sequence: str, attribute: str, default=None):
+        for group in (frame, shared):
+            if group is not None and sequence in group and attribute in group[sequence][0]:
+                return group[sequence][0][attribute].value
+        if default is None:
+            raise DenseMPError(f"{what} gives no {attribute}.")
+        return default
+
+    orientations = {tuple(float(v) for v in value(f, "PlaneOrientationSequence", "ImageOrientationPatient"))
+                    for f in frames}
+    if len(orientations) != 1:
+        raise DenseMPError(f"{what} holds frames of {len(orientations)} orientations (a localizer?); convert it "
+                           f"to NIfTI first (for example with dcm2niix).")
+    along_row, along_column = _directions(next(iter(orientations)))
+    positions = np.array([[float(v) for v in value(f, "PlanePositionSequence", "ImagePositionPatient")]
+                          for f in frames])
+    if len(frames) < 2:
+        raise DenseMPError(f"{what} has a single frame; a 3D volume needs several.")
+    order = _spatial_order(positions, along_row, along_column, what)
+    pixels = ds.pixel_array.astype(np.float32).reshape(len(frames), int(ds.Rows), int(ds.Columns))
+    slices = []
+    for i in order:
+        slope = float(value(frames[i], "PixelValueTransformationSequence", "RescaleSlope", 1.0))
+        intercept = float(value(frames[i], "PixelValueTransformationSequence", "RescaleIntercept", 0.0))
+        slices.append(pixels[i] * slope + intercept)
+    spacing = value(frames[0], "PixelMeasuresSequence", "PixelSpacing")
+    return _scan(slices, spacing, positions[order], along_row, along_column, folder)

@@ -140,30 +140,66 @@ def test_dicom_series_with_a_missing_slice_is_named(tmp_path):
         read_dicom_series(tmp_path / "series")
 
 
-def test_a_multi_frame_dicom_is_named_with_what_to_do(tmp_path):
-    """An enhanced (multi-frame) image keeps its slice positions in per-frame sequences, which are
-    not read: the message names the file and the way out."""
+def _write_enhanced_image(path, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=2.5, tilted_frame=None):
+    """One multi-frame (enhanced) file as newer scanners write it: frames out of spatial order,
+    each frame's position and rescaling in its own functional group, orientation and spacing
+    shared (``tilted_frame``: that frame gets an orientation of its own)."""
     pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from napari_densemp.dicom import read_dicom_series
+    def group(**sequences):
+        item = Dataset()
+        for name, attributes in sequences.items():
+            inner = Dataset()
+            for attribute, value in attributes.items():
+                setattr(inner, attribute, value)
+            setattr(item, name, Sequence([inner]))
+        return item
 
-    (tmp_path / "enhanced").mkdir()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    path = tmp_path / "enhanced" / "IM_0001"
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.NumberOfFrames, ds.Rows, ds.Columns = "MR", 4, 8, 8
+    n = volume_crs.shape[2]
+    order = np.random.default_rng(4).permutation(n)
+    ds.Modality, ds.NumberOfFrames = "CT", n
+    ds.Rows, ds.Columns = volume_crs.shape[1], volume_crs.shape[0]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.zeros((4, 8, 8), np.uint16).tobytes()
+    ds.SharedFunctionalGroupsSequence = Sequence([group(
+        PlaneOrientationSequence={"ImageOrientationPatient": [1, 0, 0, 0, 1, 0]},
+        PixelMeasuresSequence={"PixelSpacing": [spacing[0], spacing[1]], "SliceThickness": gap})])
+    frames = []
+    for k in order:
+        tilted = {"ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}
+        own = {"PlaneOrientationSequence": tilted} if k == tilted_frame else {}
+        frames.append(group(PlanePositionSequence={"ImagePositionPatient": [-100.0, -80.0, 30.0 + gap * k]},
+                            PixelValueTransformationSequence={"RescaleSlope": 1, "RescaleIntercept": -1024}, **own))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.stack([(volume_crs[:, :, k].T + 1024).astype(np.uint16) for k in order]).tobytes()
     pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
-    with pytest.raises(DenseMPError, match=r"IM_0001 .* is a multi-frame .*convert it to NIfTI"):
-        read_dicom_series(tmp_path / "enhanced")
+
+
+def test_a_multi_frame_dicom_image_reads_as_its_series_would(tmp_path):
+    """The same CT as one enhanced file and as a classic series: the same volume and affine; a
+    file mixing frame orientations is named."""
+    from napari_densemp.dicom import read_dicom_series
+
+    volume = np.random.default_rng(2).integers(-1000, 1000, (12, 10, 6)).astype(np.float32)
+    _write_dicom_series(tmp_path / "series", volume)
+    (tmp_path / "enhanced").mkdir()
+    _write_enhanced_image(tmp_path / "enhanced" / "IM_0001", volume)
+    classic, enhanced = read_dicom_series(tmp_path / "series"), read_dicom_series(tmp_path / "enhanced")
+    assert np.array_equal(enhanced.data, volume) and np.array_equal(enhanced.data, classic.data)
+    np.testing.assert_allclose(enhanced.affine, classic.affine)
+    (tmp_path / "mixed").mkdir()
+    _write_enhanced_image(tmp_path / "mixed" / "IM_0001", volume, tilted_frame=3)
+    with pytest.raises(DenseMPError, match=r"IM_0001 .* holds frames of 2 orientations"):
+        read_dicom_series(tmp_path / "mixed")
 
 
 def test_phantom_sample_is_a_painted_scan_with_geometry():
