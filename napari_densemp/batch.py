@@ -58,10 +58,10 @@ class Support:
         fills them (``fill_outlines``); a folder run says so once, before its first scan."""
         from .painting import filled_outlines, integer_painting, painting_axis
 
-        labels = [self.label] if self.label is not None else painted_labels(self.mask)
+        mask = integer_painting(self.mask)
         found = {}
-        for value in labels:
-            structure = integer_painting(self.mask) == value
+        for value in [self.label] if self.label is not None else painted_labels(mask):
+            structure = mask == value
             found[value] = filled_outlines(structure, painting_axis(structure, default=axis))[1]
         return {value: slices for value, slices in found.items() if slices}
 

@@ -154,6 +154,8 @@ def _read_multi_frame(path: Path, folder: Path) -> Scan:
             raise DenseMPError(f"{what} gives no {attribute}.")
         return default
 
+    if len(frames) < 2:
+        raise DenseMPError(f"{what} has a single frame; a 3D volume needs several.")
     orientations = {tuple(float(v) for v in value(f, "PlaneOrientationSequence", "ImageOrientationPatient"))
                     for f in frames}
     if len(orientations) != 1:
@@ -162,8 +164,6 @@ def _read_multi_frame(path: Path, folder: Path) -> Scan:
     along_row, along_column = _directions(next(iter(orientations)))
     positions = np.array([[float(v) for v in value(f, "PlanePositionSequence", "ImagePositionPatient")]
                           for f in frames])
-    if len(frames) < 2:
-        raise DenseMPError(f"{what} has a single frame; a 3D volume needs several.")
     order = _spatial_order(positions, along_row, along_column, what)
     pixels = ds.pixel_array.astype(np.float32).reshape(len(frames), int(ds.Rows), int(ds.Columns))
     slices = []
