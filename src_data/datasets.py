@@ -21,6 +21,7 @@ import torch
 
 from napari_densemp.atomic import write_atomically
 from napari_densemp.engine import InPlaneView
+from napari_densemp.errors import DenseMPError
 from napari_densemp.io import is_nifti, read_nifti
 from napari_densemp.preprocessing import (
     Modality,
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 LABEL_SUFFIXES = ("_label", "_mask", "_seg", "_oars")
 PREPARED_VERSION = 2  # 2: CT superpixels segmented within the body's box (src_data.superpixels)
 CT_CROP_MARGIN = 32  # pixels of air kept around the body's box when segmenting a CT slice
+# what a scan that cannot be used raises: unreadable, NaN, not 3D, a label of another shape, gone
+SCAN_FAULTS = (DenseMPError, OSError, ValueError)
 
 
 @dataclass(frozen=True)

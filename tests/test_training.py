@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,8 +149,8 @@ def test_scans_prepared_by_parallel_processes_equal_the_serial_ones(tmp_path):
     write_cohort(tmp_path / "scans", 1, "ct", first_seed=5)
     write_cohort(tmp_path / "scans", 1, "mri", first_seed=6)
     records = find_scans(tmp_path / "scans")
-    serial, _ = prepare_all(records, PreprocessingProfile(), tmp_path / "serial")
-    parallel, _ = prepare_all(records, PreprocessingProfile(), tmp_path / "parallel", workers=2)
+    serial = prepare_all(records, PreprocessingProfile(), tmp_path / "serial").scans
+    parallel = prepare_all(records, PreprocessingProfile(), tmp_path / "parallel", workers=2).scans
     assert len(serial) == len(parallel) == 2 and len(list((tmp_path / "parallel").glob("*.npz"))) == 2
     for a, b in zip(serial, parallel):
         assert a.name == b.name and a.modality == b.modality
@@ -273,17 +274,58 @@ def test_training_shows_every_scan_in_one_orientation(tmp_path):
         records.append(ScanRecord(name, tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_label.nii.gz"))
     assert [nib.aff2axcodes(nib.load(str(r.image)).affine) for r in records][1:] == [tuple("LPS"), tuple("RAS")]
 
-    scans, profile = prepare_all(records, PreprocessingProfile(orientations={"ct": "RAS"}), None)
+    prepared = prepare_all(records, PreprocessingProfile(orientations={"ct": "RAS"}), None)
+    scans, profile = prepared.scans, prepared.profile
     assert profile.orientations == {"ct": "RAS"}
     stored = prepare_scan(records[0], PreprocessingProfile()).label  # on its stored (LPS) grid
     np.testing.assert_array_equal(scans[0].label, stored[:, ::-1, ::-1])
     # the RAS file was resampled on its own grid: nearest-neighbour ties at the centre column differ
     assert (scans[2].label == stored[:, ::-1, ::-1]).mean() > 0.999
     np.testing.assert_allclose(scans[0].image.astype(np.float32), scans[2].image.astype(np.float32), atol=2e-2)
-    majority, profile = prepare_all(records, PreprocessingProfile(), None)
-    assert profile.orientations == {"ct": "LPS"}
-    np.testing.assert_array_equal(majority[0].label, stored)
-    assert (majority[2].label == stored).mean() > 0.999
+    majority = prepare_all(records, PreprocessingProfile(), None)
+    assert majority.profile.orientations == {"ct": "LPS"}
+    np.testing.assert_array_equal(majority.scans[0].label, stored)
+    assert (majority.scans[2].label == stored).mean() > 0.999
+
+
+def test_training_leaves_out_a_bad_scan_and_names_it(tmp_path, capsys, caplog):
+    """A truncated download, a scan with NaN and a label of another shape beside a good phantom:
+    stage 2 trains on the phantom alone, warns about each and lists them in the checkpoint's
+    provenance; a folder of bad scans only stops with every one named. Run in worker processes
+    too, where a fault must not end the pool."""
+    from napari_densemp.io import write_nifti
+    from src_data.phantoms import make_phantom, write_cohort
+
+    data = tmp_path / "scans"
+    write_cohort(data, 1, "mri", first_seed=6)
+    good = next(data.glob("phantom_mri_*_label.nii.gz")).name.replace("_label", "")
+    phantom = make_phantom(seed=7, modality="mri")
+    whole = write_nifti(tmp_path / "whole.nii.gz", phantom.image, phantom.affine).read_bytes()
+    (data / "truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    nan = phantom.image.astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    write_nifti(data / "with_nan.nii.gz", nan, phantom.affine)
+    write_nifti(data / "reshaped.nii.gz", phantom.image, phantom.affine)
+    write_nifti(data / "reshaped_label.nii.gz", phantom.label[:, :, :-1], phantom.affine)
+    bad = {"truncated.nii.gz": "Cannot read", "with_nan.nii.gz": "NaN", "reshaped.nii.gz": "shape"}
+
+    args = ["stage2", "--data", str(data), "--out", str(tmp_path / "run"), "--iterations", "1", "--depth", "18",
+            "--last-layer", "3", "--feature-dim", "16", "--crop", "64", "--amp", "off", "--device", "cpu",
+            "--workers", "2"]
+    assert train_main(args) == 0
+    provenance = load_checkpoint(tmp_path / "run" / "last.pt").provenance
+    assert provenance["data"] == [good.removesuffix(".nii.gz")]
+    skipped = {Path(name).name: why for name, why in provenance["skipped_scans"].items()}
+    assert set(skipped) == set(bad)
+    for name, why in bad.items():
+        assert why in skipped[name] and f"left out of training: {data / name}" in caplog.text, (name, skipped[name])
+
+    (data / good).unlink()
+    args[args.index("--out") + 1] = str(tmp_path / "none")
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "none of the 3 training scans can be used" in err and all(name in err for name in bad)
+    assert not (tmp_path / "none" / "last.pt").exists()
 
 
 def test_average_interpolates_weights_and_refuses_foreign_models(tmp_path, tiny_network, capsys):

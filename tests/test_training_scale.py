@@ -87,6 +87,8 @@ def test_stage1_reads_scan_folders_like_stage2(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), chaos / "image_2.nii.gz")  # 2D
     views = ContrastiveViews([chaos, openkbp], size=32, cache_dir=tmp_path / "cache")
     assert sorted({p.name for p, _ in views.items}) == ["image_1.npy", "pt_1_ct.npy"]  # pt_2..11: the last 10
+    why = "The image_2 must be a 3D volume; got 2D with shape (8, 8)."
+    assert views.skipped == {str(chaos / "image_2.nii.gz"): why}  # recorded in the checkpoint's provenance
     windowed = [np.load(tmp_path / "cache" / f"{n}.npy").astype(np.float32) for n in ("image_1", "pt_1_ct")]
     np.testing.assert_allclose(windowed[0], windowed[1], atol=1e-3)  # the offset removed before the CT window
     assert float(windowed[0][:, 6:].mean()) == pytest.approx((40 + 125) / 400, abs=0.02)

@@ -157,23 +157,23 @@ def run_finetune(config: FinetuneConfig, resume: bool = True) -> Path:
     dist = Distributed.setup(config.data.device)
     start_from = load_checkpoint(config.stage2)
     model = start_from.build_model()
-    records = collect_scans(config.data)
-    scans, profile = prepare_all(records, start_from.preprocessing, config.data.prepared_dir,
-                                 config.data.workers, dist)
-    dataset = FinetuneEpisodes(scans, config.data.crop, config.data.seed, config.data.excluded_classes,
-                               config.labelled, groups=[str(r.image.parent) for r in records],
+    prepared = prepare_all(collect_scans(config.data), start_from.preprocessing, config.data.prepared_dir,
+                           config.data.workers, dist)
+    dataset = FinetuneEpisodes(prepared.scans, config.data.crop, config.data.seed, config.data.excluded_classes,
+                               config.labelled, groups=[str(r.image.parent) for r in prepared.records],
                                hidden_classes=config.data.hidden_classes, in_volume=config.in_volume,
                                mirror=config.data.mirror)
     start = resume_step(config.data.run_dir) if resume else 0
     loader = data_loader(dataset, start, config.data.batch, config.optim, dist, config.data.workers)
-    info = RunInfo(stage="finetune", data=[r.name for r in records], seed=config.data.seed,
-                   extra={"from": str(config.stage2), "from_provenance": start_from.provenance,
+    info = RunInfo(stage="finetune", data=[r.name for r in prepared.records], seed=config.data.seed,
+                   extra={"skipped_scans": prepared.skipped, "from": str(config.stage2),
+                          "from_provenance": start_from.provenance,
                           "classes": [f"{Path(g).name}:{v}" for g, v in dataset.classes],
                           "labelled_p": config.labelled, "in_volume_p": config.in_volume,
                           "mirror": config.data.mirror,
                           "excluded_classes": config.data.excluded_classes,
                           "support_scans": {f"{Path(g).name}:{v}": dataset.scans[s].name
                                             for (g, v), (s, _) in dataset.supports.items()}})
-    log.info("fine-tuning on %d scans, classes %s", len(scans), dataset.classes)
-    return train(model, loader, episode_inputs, lambda m: m, profile, config.optim,
+    log.info("fine-tuning on %d scans, classes %s", len(prepared.scans), dataset.classes)
+    return train(model, loader, episode_inputs, lambda m: m, prepared.profile, config.optim,
                  config.data.run_dir, info, dist, resume=resume)

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_densemp.atomic import write_atomically
-from napari_densemp.errors import DenseMPError
 from napari_densemp.io import is_nifti
 from napari_densemp.network import DilatedResNet, FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile, detect_modality, window_intensities
-from src_data.datasets import ScanRecord, find_scans, load_scan
+from src_data.datasets import SCAN_FAULTS, ScanRecord, find_scans, load_scan
 from src_data.splits import split_scans
 
 from .loop import Distributed, OptimConfig, RunInfo, data_loader, resume_step, train
@@ -50,6 +49,7 @@ class ContrastiveViews(torch.utils.data.Dataset):
         self.size, self.seed = size, seed
         self.profile = profile or PreprocessingProfile()
         self.items: list[tuple[Path, int]] = []  # (file, slice or -1 for a 2D image)
+        self.skipped: dict[str, str] = {}  # scan file -> why it was left out
         for source in sources:
             source = Path(source)
             if is_nifti(source):
@@ -75,8 +75,9 @@ class ContrastiveViews(torch.utils.data.Dataset):
         if not cached.is_file():
             try:
                 volume = load_scan(record).volume
-            except (DenseMPError, OSError, ValueError) as exc:
-                log.warning("stage 1 skips %s: %s", record.image, exc)
+            except SCAN_FAULTS as exc:
+                log.warning("left out of stage 1: %s: %s", record.image, exc)
+                self.skipped[str(record.image)] = str(exc)
                 return []
             windowed = window_intensities(volume, detect_modality(volume), self.profile)
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +320,8 @@ def run_stage1(config: Stage1Config, resume: bool = True) -> Path:
     loader = data_loader(dataset, start, config.batch, config.optim, dist, config.workers)
     global_batch = config.batch * config.optim.accumulate * dist.world
     info = RunInfo(stage="stage1", data=sorted({p.stem if k >= 0 else str(p.parent) for p, k in dataset.items}),
-                   seed=config.seed, extra={"images": len(dataset), "global_batch": global_batch,
+                   seed=config.seed, extra={"images": len(dataset), "skipped_scans": dataset.skipped,
+                                            "global_batch": global_batch,
                                             "size": config.size, "init": str(config.init or ""),
                                             "dense_weight": config.model.dense_weight})
     log.info("stage 1 on %d images/slices, global batch %d", len(dataset), global_batch)

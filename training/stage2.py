@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import multiprocessing
@@ -17,7 +18,14 @@ from tqdm import tqdm
 
 from napari_densemp.network import FewShotSegmenter, NetworkConfig
 from napari_densemp.preprocessing import PreprocessingProfile
-from src_data.datasets import PreparedScan, ScanRecord, find_scans, prepare_scan, show_in_orientation
+from src_data.datasets import (
+    SCAN_FAULTS,
+    PreparedScan,
+    ScanRecord,
+    find_scans,
+    prepare_scan,
+    show_in_orientation,
+)
 from src_data.phantoms import write_cohort
 from src_data.splits import split_scans
 
@@ -71,15 +79,30 @@ def collect_scans(config: Stage2Config) -> list[ScanRecord]:
     return records
 
 
+@dataclass
+class TrainingScans:
+    """The scans a run trains on, prepared, and the ones it had to leave out."""
+
+    records: list[ScanRecord]  # those that could be used, in the order given
+    scans: list[PreparedScan]  # one per record, shown in the profile's orientations
+    profile: PreprocessingProfile
+    skipped: dict[str, str] = field(default_factory=dict)  # scan file -> why it was left out
+
+
 def _prepare_into_cache(record: ScanRecord, profile: PreprocessingProfile, cache_dir: Path) -> None:
     torch.set_num_threads(1)  # one process per core
-    prepare_scan(record, profile, cache_dir)
+    with contextlib.suppress(SCAN_FAULTS):  # named by the pass over all scans, which meets it again
+        prepare_scan(record, profile, cache_dir)
 
 
 def prepare_all(records: Sequence[ScanRecord], profile: PreprocessingProfile, cache_dir: Path,
-                workers: int = 0, dist: Distributed | None = None) -> tuple[list[PreparedScan], PreprocessingProfile]:
+                workers: int = 0, dist: Distributed | None = None) -> TrainingScans:
     """Every scan preprocessed (cached) and shown in one orientation per modality; the profile
     returned records it (see :func:`src_data.datasets.show_in_orientation`).
+
+    A scan that cannot be read or fails its checks (NaN, not 3D, a label of another shape) is
+    left out with a warning naming it and why, so one bad file in hundreds does not stop a
+    run; the run's provenance lists it. Only a run left with no scan stops.
 
     Superpixels are single-threaded (about 16 s for a head-and-neck CT on the 1.25 mm grid on
     one core, 4 s for a CHAOS MRI), so the cache is filled in parallel: under ``torchrun`` each rank prepares its
@@ -96,12 +119,23 @@ def prepare_all(records: Sequence[ScanRecord], profile: PreprocessingProfile, ca
                     pass
         else:
             for record in tqdm(mine, desc="superpixels", unit="scan", disable=rank > 0):
-                prepare_scan(record, profile, cache_dir)
+                _prepare_into_cache(record, profile, cache_dir)
         if world > 1:
             torch_dist.barrier()
-    scans = [prepare_scan(r, profile, cache_dir) for r in tqdm(records, desc="superpixels", unit="scan",
-                                                                disable=rank > 0)]
-    return show_in_orientation(list(records), scans, profile)
+    kept, scans, skipped = [], [], {}
+    for record in tqdm(records, desc="superpixels", unit="scan", disable=rank > 0):
+        try:
+            scans.append(prepare_scan(record, profile, cache_dir))
+            kept.append(record)
+        except SCAN_FAULTS as exc:
+            skipped[str(record.image)] = str(exc)
+            if rank == 0:
+                log.warning("left out of training: %s: %s", record.image, exc)
+    if not scans:
+        raise ValueError(f"none of the {len(records)} training scans can be used: "
+                         + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
+    shown, profile = show_in_orientation(kept, scans, profile)
+    return TrainingScans(kept, shown, profile, skipped)
 
 
 def episode_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -135,20 +169,20 @@ def load_backbone(model: FewShotSegmenter, path: str | Path) -> None:
 
 def run_stage2(config: Stage2Config, resume: bool = True) -> Path:
     dist = Distributed.setup(config.device)
-    records = collect_scans(config)
-    scans, profile = prepare_all(records, config.profile, config.prepared_dir, config.workers, dist)
+    prepared = prepare_all(collect_scans(config), config.profile, config.prepared_dir, config.workers, dist)
     torch.manual_seed(config.seed)  # before building: the initial weights are part of the run
     model = FewShotSegmenter(config.network)
     if config.init_backbone is not None:
         load_backbone(model, config.init_backbone)
     start = resume_step(config.run_dir) if resume else 0
-    dataset = SuperpixelEpisodes(scans, crop=config.crop, seed=config.seed,
+    dataset = SuperpixelEpisodes(prepared.scans, crop=config.crop, seed=config.seed,
                                  excluded_classes=config.excluded_classes, mirror=config.mirror)
     loader = data_loader(dataset, start, config.batch, config.optim, dist, config.workers)
-    info = RunInfo(stage="stage2", data=[r.name for r in records], seed=config.seed,
-                   extra={"excluded_classes": config.excluded_classes, "episode_slices": len(dataset.slices),
+    info = RunInfo(stage="stage2", data=[r.name for r in prepared.records], seed=config.seed,
+                   extra={"skipped_scans": prepared.skipped, "excluded_classes": config.excluded_classes,
+                          "episode_slices": len(dataset.slices),
                           "batch": config.batch, "init_backbone": str(config.init_backbone or ""),
                           "mirror": config.mirror})
-    log.info("stage 2 on %d scans, %d usable slices", len(scans), len(dataset.slices))
-    return train(model, loader, episode_inputs, lambda m: m, profile, config.optim, config.run_dir, info,
+    log.info("stage 2 on %d scans, %d usable slices", len(prepared.scans), len(dataset.slices))
+    return train(model, loader, episode_inputs, lambda m: m, prepared.profile, config.optim, config.run_dir, info,
                  dist, resume=resume)
