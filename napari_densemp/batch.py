@@ -31,7 +31,7 @@ from .engine import (
     walked_axes,
 )
 from .errors import DenseMPError
-from .io import Scan, as_3d, is_nifti, read_scan, write_nifti
+from .io import Scan, as_3d, is_nifti, mask_on_scan_grid, read_scan, write_nifti
 from .preprocessing import Modality
 
 SUMMARY_FIELDS = ["scan", "structure", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
@@ -68,13 +68,8 @@ class Support:
     @classmethod
     def from_files(cls, image: str | Path, mask: str | Path, label: int | None = None) -> Support:
         scan, painted = read_scan(image), read_scan(mask)
-        volume, binary = as_3d(scan.data, image, "support image"), as_3d(painted.data, mask, "support mask")
-        if binary.shape != volume.shape:
-            raise DenseMPError(f"The support mask's shape {binary.shape} differs from the support image's "
-                               f"{volume.shape}.")
-        if not np.allclose(painted.affine, scan.affine, atol=1e-3, rtol=1e-4):
-            raise DenseMPError("The support mask's affine differs from the support image's: they do not lie "
-                               "on the same voxel grid.")
+        volume = as_3d(scan.data, image, "support image")
+        binary = mask_on_scan_grid(painted, scan, "support mask", "support image")
         return cls(Scan(volume, scan.affine, scan.header, scan.path), binary, label)
 
 

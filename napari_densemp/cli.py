@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DenseMPError
-from .io import as_3d, read_nifti, read_scan, write_nifti
+from .io import as_3d, mask_on_scan_grid, read_nifti, read_scan, write_nifti
 from .painting import integer_painting, larger_slice_tip
 
 log = logging.getLogger("densemp-segment")
@@ -119,12 +119,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     mask = read_nifti(painted_path)
     volume = as_3d(scan.data, image_path, "image")
     # label values as integers once: a mask saved as floats (0.9999) is compared by value below
-    painted = integer_painting(as_3d(mask.data, painted_path, "painted mask"))
-    if painted.shape != volume.shape:
-        raise DenseMPError(f"The painted mask's shape {painted.shape} differs from the image's {volume.shape}.")
-    if not np.allclose(mask.affine, scan.affine, atol=1e-3, rtol=1e-4):
-        raise DenseMPError("The painted mask's affine differs from the image's: they do not lie on the same "
-                           "voxel grid. Resample the mask onto the image first.")
+    painted = integer_painting(mask_on_scan_grid(mask, scan))
     labels = painted_labels(painted)
     several = label is None and len(labels) > 1
     if axis is None and not several:

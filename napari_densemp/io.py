@@ -56,6 +56,33 @@ def as_3d(data: np.ndarray, path: str | os.PathLike, what: str) -> np.ndarray:
     return squeezed
 
 
+def mask_on_scan_grid(mask: Scan, scan: Scan, mask_name: str = "painted mask",
+                      scan_name: str = "image") -> np.ndarray:
+    """The mask's 3D array on the scan's voxel grid, or an error naming how they differ.
+
+    A mask saved by a tool that reorders or flips the axes (to RAS, say) covers the same
+    voxels in another order: it is turned back, losslessly. Any other grid is refused, never
+    resampled, so no painted voxel moves."""
+    data = as_3d(mask.data, mask.path, mask_name)
+    shape = np.shape(scan.data)[:3]
+    if data.shape == shape and _same_affine(mask.affine, scan.affine):
+        return data
+    turn = nib.orientations.ornt_transform(nib.orientations.io_orientation(mask.affine),
+                                           nib.orientations.io_orientation(scan.affine))
+    turned_affine = mask.affine @ nib.orientations.inv_ornt_aff(turn, data.shape)
+    turned = nib.orientations.apply_orientation(data, turn)
+    if turned.shape == shape and _same_affine(turned_affine, scan.affine):
+        return np.ascontiguousarray(turned)
+    if data.shape != shape and turned.shape != shape:
+        raise DenseMPError(f"The {mask_name}'s shape {data.shape} differs from the {scan_name}'s {shape}.")
+    raise DenseMPError(f"The {mask_name}'s affine differs from the {scan_name}'s: they do not lie on the same "
+                       f"voxel grid. Resample the mask onto the {scan_name} first.")
+
+
+def _same_affine(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a, b, atol=1e-3, rtol=1e-4))
+
+
 def read_scan(path: str | os.PathLike) -> Scan:
     """A NIfTI file or a DICOM series folder."""
     path = Path(path)

@@ -60,6 +60,36 @@ def test_segments_with_exact_geometry(files, phantom, capsys):
     assert f"{voxels} voxels ({ml:.1f} ml) on slices" in capsys.readouterr().out
 
 
+def test_a_painting_saved_in_another_orientation_is_turned_onto_the_scan(files, phantom, tmp_path):
+    """A tool that saves the mask reoriented to RAS (axes swapped and flipped, same voxels): the
+    mask is turned back onto the scan's grid, and the run, alone or as a folder's support, gives
+    the mask of the painting saved on the scan's own grid, voxel for voxel."""
+    from napari_densemp.batch import Support
+
+    _, image, painted, affine = files
+    stored = nib.load(str(painted))
+    canonical = nib.as_closest_canonical(stored)
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S") != nib.aff2axcodes(affine)
+    assert not np.array_equal(canonical.get_fdata(), stored.get_fdata())
+    slices_first = stored.as_reoriented(nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("SAR")))
+    assert slices_first.shape == phantom.image.shape[::-1]
+    masks = [painted, tmp_path / "painted_ras.nii.gz", tmp_path / "painted_sar.nii.gz"]
+    nib.save(canonical, masks[1])
+    nib.save(slices_first, masks[2])
+    outputs = [read_nifti(_segment(image, mask, tmp_path / f"out_{k}.nii.gz")) for k, mask in enumerate(masks)]
+    assert outputs[0].data.sum() > 1000
+    for output, mask in zip(outputs[1:], masks[1:]):
+        np.testing.assert_array_equal(output.data, outputs[0].data)
+        np.testing.assert_array_equal(output.affine, outputs[0].affine)
+        np.testing.assert_array_equal(Support.from_files(image, mask).mask, read_nifti(painted).data)
+
+
+def _segment(image, mask, out):
+    assert main([str(image), str(mask), "-o", str(out)]) == 0
+    return out
+
+
 def test_a_painted_outline_is_filled_and_said_so_unless_kept(files, phantom, capsys):
     """The kidney drawn as its contour: the run says the slice's outline was filled and gives the
     kidney; with --keep-outlines the contour stays a ring and nothing like the kidney comes out."""
