@@ -12,6 +12,7 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split held-out --as-stored --modality ct
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --paint-at 0.25
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --bias-field 0.3
+    python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split seen --stray-click 1
 
 ``--plane coronal`` (or sagittal) paints and walks that plane's slices instead of the axial ones,
 as a user painting on a coronal view does; ``--plane axial+coronal`` paints the largest slice of
@@ -28,6 +29,10 @@ polynomial scaled to span [-1, 1] over the volume, as a receive coil's uneven se
 on a scanner without (or with a weak) intensity correction: S = 0.3 leaves a voxel anywhere
 between 0.74x and 1.35x its value. The field is drawn per scan from its name, so runs repeat. CTs
 are left as they are.
+
+``--stray-click R`` adds to each painting a disc of radius R pixels (R = 1: 5 pixels) at a random
+pixel of the body outside the organ, on a random slice of the organ 3 to 6 slices from the
+painted one: a click left behind on another slice. Drawn per scan and organ from their names.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from napari_densemp.preprocessing import detect_modality
 from src_data.datasets import ScanRecord, find_scans, load_scan
 from src_data.phantoms import ORGAN_NAMES, write_cohort
 from src_data.splits import split_scans
+from src_data.superpixels import body_mask
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,15 +107,19 @@ def copy_baselines(truth: np.ndarray, z: int, axis: int = 2) -> tuple[float, flo
 
 def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, model, options: PropagationOptions,
                     cache: FeatureCache, plane: str = "axial", modality: str = "auto",
-                    at: float | None = None) -> tuple[float, float, float, str, str, float]:
+                    at: float | None = None, stray: tuple[int, int] | None = None,
+                    ) -> tuple[float, float, float, str, str, float]:
     """Paint ``truth``'s ``plane`` slice of largest area, propagate across that plane, and score
     the whole volume: (Dice, copy-all Dice, copy-z Dice, range found, true range, seconds).
-    Planes joined by "+" (axial+coronal) paint the largest slice of each, as one painting."""
+    Planes joined by "+" (axial+coronal) paint the largest slice of each, as one painting;
+    ``stray`` (radius, seed) adds a click left on another slice (see ``stray_click``)."""
     first, *more = plane.split("+")
     axis = plane_axis(affine, first)
     painted, z = paint_largest_slice(truth, axis, at)
     for other in more:
         painted |= paint_largest_slice(truth, plane_axis(affine, other), at)[0]
+    if stray is not None:
+        painted |= stray_click(volume, truth, axis, z, *stray)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     start = time.perf_counter()
     result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=axis, options=options,
@@ -119,6 +129,27 @@ def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, m
     all_copy, z_copy = copy_baselines(truth, z, axis)
     found = f"{result.slice_range[0]}-{result.slice_range[1]}" if result.slice_range else "-"
     return dice(result.mask, truth), all_copy, z_copy, found, f"{zs[0]}-{zs[-1]}", seconds
+
+
+def stray_click(volume: np.ndarray, truth: np.ndarray, axis: int, z: int, radius: int, seed: int) -> np.ndarray:
+    """A disc of ``radius`` pixels at a random body pixel outside the organ, on a random slice of
+    the organ 3 to 6 slices from ``z`` across ``axis`` (none where the organ has no such slice)."""
+    rng = np.random.default_rng(seed)
+    click = np.zeros(truth.shape, bool)
+    organ = np.moveaxis(truth, axis, 0)
+    choices = [k for k in np.flatnonzero(organ.any(axis=(1, 2))) if 3 <= abs(k - z) <= 6]
+    if not choices:
+        return click
+    k = int(rng.choice(choices))
+    slices = np.moveaxis(volume, axis, 0)
+    body = body_mask(slices[k:k + 1], detect_modality(slices))[0] & ~organ[k]
+    pixels = np.argwhere(body)
+    if not len(pixels):
+        return click
+    y, x = pixels[rng.integers(len(pixels))]
+    rows, cols = np.ogrid[:body.shape[0], :body.shape[1]]
+    np.moveaxis(click, axis, 0)[k] = (rows - y) ** 2 + (cols - x) ** 2 <= radius ** 2
+    return click
 
 
 # Another hospital may store the same anatomy flipped or with the in-plane axes swapped: each
@@ -182,12 +213,13 @@ def bias_field(shape: tuple[int, int, int], strength: float, seed: int) -> np.nd
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
                      organs: list[int] | None = None, view: str = "stored", plane: str = "axial",
                      slice_mm: float | None = None, as_stored: bool = False, modality: str = "auto",
-                     at: float | None = None, bias: float = 0.0):
+                     at: float | None = None, bias: float = 0.0, stray_radius: int | None = None):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
     range, seconds), painting the organ's ``plane`` slice of largest area and scoring the whole
     volume, with the scans stored as ``view`` says (see VIEWS). ``as_stored`` gives the engine
     the intensities as the files hold them (OpenKBP: HU + 1024), as ``densemp-segment`` reads them;
-    ``bias`` multiplies MRIs by a smooth field of that strength (see ``bias_field``)."""
+    ``bias`` multiplies MRIs by a smooth field of that strength (see ``bias_field``);
+    ``stray_radius`` leaves a click of that radius on another slice (see ``stray_click``)."""
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
@@ -203,8 +235,9 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
         for organ in organs or [int(v) for v in np.unique(label) if v]:
             truth = label == organ
             if truth.any():
+                stray = None if stray_radius is None else (stray_radius, zlib.crc32(f"{record.name}-{organ}".encode()))
                 yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache, plane,
-                                                            modality, at))
+                                                            modality, at, stray))
 
 
 def mni152_scores(model, options: PropagationOptions, plane: str = "axial"):
@@ -252,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bias-field", type=float, default=0.0, metavar="STRENGTH",
                         help="multiply every MRI by a smooth random field exp(STRENGTH * p), p in [-1, 1] "
                              "(0.3: 0.74x to 1.35x), as an uncorrected coil's shading")
+    parser.add_argument("--stray-click", type=int, metavar="RADIUS",
+                        help="also leave a click of this radius (pixels) in the body 3-6 slices from the painting")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -266,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, args.first_seed,
                                                args.scans),
                                   model, options, args.organs, args.view, args.plane, args.slice_mm, args.as_stored,
-                                  args.modality, args.paint_at, args.bias_field)
+                                  args.modality, args.paint_at, args.bias_field, args.stray_click)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
           f"plane {args.plane}; slices {args.slice_mm or 'stored'} mm; "
           f"intensities {'as stored' if args.as_stored else 'in HU'}, modality {args.modality}; "
           f"painted {'largest slice' if args.paint_at is None else f'at {args.paint_at} of the extent'}; "
-          f"MRI bias field {args.bias_field or 'none'}; "
+          f"MRI bias field {args.bias_field or 'none'}; stray click {args.stray_click or 'none'}; "
           f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []

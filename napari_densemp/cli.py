@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import DenseMPError
 from .io import as_3d, mask_on_scan_grid, read_nifti, read_scan, write_nifti
-from .painting import integer_painting, larger_slice_tip
+from .painting import integer_painting, larger_slice_tip, tiny_painting_tip
 
 log = logging.getLogger("densemp-segment")
 
@@ -144,7 +144,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
                           "voxels": voxels[value], "volume_ml": voxels[value] * voxel_ml, "confidence": r.confidence,
                           "read_as": r.read_as, "tip": larger_slice_tip(r.mask, painted == value, r.axis),
-                          "outlines": r.filled_outlines}
+                          "outlines": r.filled_outlines, "tiny_paintings": r.tiny_paintings}
                   for value, r in sorted(results.items())}
     return {"out": out_path, "structures": structures,
             "seconds": sum(r.seconds_features + r.seconds_head for r in results.values())}
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             for axis, z in structure["outlines"]:
                 print(f"  the painting on slice {z} of axis {axis} is a closed outline: its inside was taken as the "
                       f"structure (--keep-outlines keeps it a ring)")
+            for axis, z in structure["tiny_paintings"]:
+                print(f"  tip: {tiny_painting_tip(axis, z)}")
             if structure["tip"]:
                 print(f"  tip: {structure['tip']}")
         if len(structures) > 1:

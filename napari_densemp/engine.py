@@ -55,6 +55,7 @@ from .painting import (
     painting_axis,
     plane_axis,
     slices_holding,
+    tiny_paintings,
     walked_axes,
 )
 from .preprocessing import Modality, PreprocessingProfile, check_volume, detect_modality, resize_slices
@@ -219,6 +220,7 @@ class PropagationResult:
     planes: dict[int, list[int]] = field(default_factory=dict)  # painted in several planes: axis -> slices walked
     read_as: str = ""  # how the scan's intensities were read: "CT", "CT stored as HU + 1024", "MRI"
     filled_outlines: list[tuple[int, int]] = field(default_factory=list)  # (axis, slice) of paintings filled
+    tiny_paintings: list[tuple[int, int]] = field(default_factory=list)  # (axis, slice): a stray click?
 
 
 def _agreeing(results: list[PropagationResult], painted: np.ndarray) -> np.ndarray:
@@ -256,7 +258,8 @@ def _combined(results: list[PropagationResult], painted: np.ndarray, axis: int, 
                    slice_range=(on_slices[0], on_slices[-1]) if on_slices else None, planes=planes,
                    seconds_features=sum(r.seconds_features for r in results),
                    seconds_head=sum(r.seconds_head for r in results),
-                   reused_features=all(r.reused_features for r in results))
+                   reused_features=all(r.reused_features for r in results),
+                   tiny_paintings=[s for r in results for s in r.tiny_paintings])
 
 
 def confidence_along(results: list[PropagationResult], mask: np.ndarray, axis: int) -> np.ndarray:
@@ -737,7 +740,8 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
     return PropagationResult(mask=np.moveaxis(view.back(out), 0, axis), confidence=confidence,
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=seconds, seconds_head=time.perf_counter() - start - seconds,
-                             reused_features=seconds == 0, axis=axis, read_as=feats.read_as)
+                             reused_features=seconds == 0, axis=axis, read_as=feats.read_as,
+                             tiny_paintings=[(axis, z) for z in tiny_paintings(paint)])
 
 
 def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,

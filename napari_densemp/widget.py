@@ -32,6 +32,7 @@ from qtpy.QtCore import QObject, Qt, Signal
 
 from .errors import DenseMPError
 from .io import METADATA_KEY, Geometry
+from .painting import tiny_painting_tip
 
 if TYPE_CHECKING:
     import napari
@@ -126,6 +127,13 @@ class _Request:
         stored_axis = int(np.flatnonzero(self.geometry.to_display[:, 0] == self.axis)[0])
         return (self.geometry.stored(self.volume), self.geometry.stored(self.painted),
                 self.geometry.stored_spacing, stored_axis, self.geometry.affine)
+
+    def display_slice(self, axis: int, z: int) -> tuple[int, int]:
+        """A slice (axis, index) of the stored grid as napari shows it."""
+        if self.geometry is None or self.geometry.display_shape != self.volume.shape:
+            return axis, z
+        shown, flip = (int(v) for v in self.geometry.to_display[axis])
+        return shown, z if flip > 0 else self.geometry.stored_shape[axis] - 1 - z
 
     def to_display(self, mask: np.ndarray, per_slice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The engine's mask and per-slice values back on the display grid."""
@@ -338,7 +346,9 @@ class OneShotWidget(Container):
                          seconds_features=sum(r.seconds_features for r in results.values()),
                          seconds_head=sum(r.seconds_head for r in results.values()),
                          reused_features=all(r.reused_features for r in results.values()),
-                         filled_outlines=[o for r in results.values() for o in r.filled_outlines])
+                         filled_outlines=[o for r in results.values() for o in r.filled_outlines],
+                         tiny_paintings=[request.display_slice(*z) for r in results.values()
+                                         for z in r.tiny_paintings])
         values, result.confidence = request.to_display(values, result.confidence)
         result.mask = values != 0
         on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))
@@ -497,6 +507,7 @@ class OneShotWidget(Container):
                   f"volume {volumes}; read as {result.read_as}\n"
                   f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
                   f"{seconds:.1f} s ({features})" + (_OUTLINE_NOTE if result.filled_outlines else "")
+                  + "".join(f"\nTip: {tiny_painting_tip(*z)}" for z in result.tiny_paintings)
                   + "".join(_tips(request, labels, values)))
         self._last = (layer, summary)
         self._show_slice_info()

@@ -96,3 +96,22 @@ def test_bias_field_spans_its_strength_smoothly_and_repeats():
     assert steps < 0.1 * 0.6
     np.testing.assert_array_equal(field, accuracy.bias_field((40, 30, 20), 0.3, seed=7))
     assert not np.allclose(field, accuracy.bias_field((40, 30, 20), 0.3, seed=8))
+
+
+def test_a_stray_click_lands_in_the_body_off_the_organ_3_to_6_slices_from_the_painting():
+    """accuracy.py --stray-click: a disc of the radius given, outside the organ but inside the
+    body, on a slice of the organ 3-6 slices from the painted one; the same per seed."""
+    import accuracy
+
+    from src_data.phantoms import LIVER, make_phantom
+
+    phantom = make_phantom(seed=11, modality="ct")
+    truth = phantom.label == LIVER
+    z = int(truth.sum(axis=(0, 1)).argmax())
+    for seed in range(5):
+        click = accuracy.stray_click(phantom.image, truth, 2, z, 1, seed)
+        (k,) = np.flatnonzero(click.any(axis=(0, 1)))
+        assert 3 <= abs(k - z) <= 6 and truth[..., k].any()
+        assert click.sum() == 5 and not (click & truth).any() and (phantom.image[click] > -500).all()
+        np.testing.assert_array_equal(click, accuracy.stray_click(phantom.image, truth, 2, z, 1, seed))
+    assert accuracy.stray_click(phantom.image, truth[..., z:z + 1].repeat(3, axis=2), 2, 1, 1, 0).sum() == 0

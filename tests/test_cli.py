@@ -90,6 +90,25 @@ def _segment(image, mask, out):
     return out
 
 
+def test_a_stray_click_gets_a_tip_naming_its_slice(files, tmp_path, capsys):
+    """Voxels clicked 2 slices above (in the air) and below (over the kidney) the painted kidney:
+    both slices are named, with the way out."""
+    _, image, painted_path, affine = files
+    painted = read_nifti(painted_path).data
+    z = int(np.flatnonzero(painted.any(axis=(0, 1)))[0])
+    inside = np.argwhere(painted[..., z])
+    x, y = inside[len(inside) // 2]
+    painted[3, 3, z + 2] = 1
+    painted[x, y, z - 2] = 1
+    clicked = write_nifti(tmp_path / "clicked.nii.gz", painted, affine)
+    assert main([str(image), str(clicked), "-o", str(tmp_path / "out.nii.gz")]) == 0
+    out = capsys.readouterr().out
+    assert f"(painted [{z - 2}, {z}, {z + 2}])" in out
+    for k in (z - 2, z + 2):
+        assert (f"tip: slice {k} of axis 2 is painted with under 2% of the largest painted slice's area: it is "
+                f"drawn as painted and the walks end there; if it is a stray click, erase it and run again") in out
+
+
 def test_a_painted_outline_is_filled_and_said_so_unless_kept(files, phantom, capsys):
     """The kidney drawn as its contour: the run says the slice's outline was filled and gives the
     kidney; with --keep-outlines the contour stays a ring and nothing like the kidney comes out."""

@@ -23,7 +23,7 @@ from napari_densemp.engine import (
     propagate_labels,
 )
 from napari_densemp.errors import DenseMPError
-from napari_densemp.painting import filled_outlines, larger_slice_tip
+from napari_densemp.painting import filled_outlines, larger_slice_tip, tiny_paintings
 from src_data.phantoms import LIVER, RIGHT_KIDNEY, SPLEEN
 
 from .conftest import dice, paint_largest
@@ -606,6 +606,36 @@ def test_a_painted_closed_outline_is_filled_and_a_ring_or_a_left_out_vessel_is_n
     assert none == [] and np.array_equal(untouched, volume[..., 3:])
     tube = np.repeat(outline[..., None], 4, axis=2)  # a finished 3D mask of a hollow structure: kept
     assert filled_outlines(tube, axis=2)[1] == []
+
+
+def test_tiny_paintings_are_slices_painted_on_their_own_with_under_2_percent():
+    """A 1-pixel and a 9-pixel painting beside a 1600-pixel one are tiny; a 100-pixel one (6%),
+    the small ends of a finished 3D mask and a single painted slice are not."""
+    paint = np.zeros((12, 60, 60), bool)
+    paint[5, 10:50, 10:50] = True
+    paint[9, 2, 2] = True
+    paint[2, 30:33, 30:33] = True
+    paint[7, 30:40, 30:40] = True
+    assert tiny_paintings(paint) == [2, 9]
+    mask_3d = paint.copy()
+    mask_3d[3:5, 20:40, 20:40] = mask_3d[6, 20:40, 20:40] = True  # slices 2-7 painted: a 3D mask
+    assert tiny_paintings(mask_3d) == [9]
+    assert tiny_paintings(paint[5:6]) == [] and tiny_paintings(np.zeros((3, 4, 4), bool)) == []
+
+
+def test_a_stray_click_is_drawn_as_painted_and_named(ct_phantom, default_model):
+    """The liver painted on its largest slice and one voxel clicked in the air 5 slices away: that
+    slice is drawn as painted and the walk ends there, which costs the liver beyond it; the
+    result names the slice, so the user can erase the click."""
+    painted, z = paint_largest(ct_phantom.label, LIVER)
+    truth = ct_phantom.label == LIVER
+    stray = painted.copy()
+    stray[10, 10, z + 5] = 1
+    run = dict(spacing=ct_phantom.spacing, affine=ct_phantom.affine)
+    clean, clicked = (propagate(ct_phantom.image, p, default_model, **run) for p in (painted, stray))
+    assert clicked.tiny_paintings == [(2, z + 5)] and clean.tiny_paintings == []
+    assert clicked.painted_slices == [z, z + 5] and clicked.mask[..., z + 5].sum() == 1
+    assert dice(clean.mask, truth) >= 0.8 and dice(clicked.mask, truth) < dice(clean.mask, truth) - 0.2
 
 
 def test_a_3d_mask_is_walked_across_the_scans_axial_axis():

@@ -141,6 +141,20 @@ def test_a_painting_near_the_end_gets_a_tip_naming_a_slice(viewer_with_sample):
     assert label.height() >= label.heightForWidth(label.width()) >= 4 * label.fontMetrics().height()
 
 
+def test_a_stray_click_gets_a_tip_naming_its_slider_position(viewer_with_sample):
+    """A voxel clicked in the air 3 slider steps from the painted liver: the widget gives the
+    engine's mask and names the slice as napari shows it."""
+    viewer, widget = viewer_with_sample
+    painting = viewer.layers["liver painted"]
+    data = painting.data.copy()
+    z = int(np.flatnonzero(data.any(axis=(1, 2)))[0])
+    data[z + 3, 2, 2] = LIVER
+    painting.data = data
+    _run(widget)
+    np.testing.assert_array_equal(viewer.layers["phantom CT 6 propagated"].data, _engine_result(viewer))
+    assert f"\nTip: slice {z + 3} of axis 0 is painted with under 2% of the largest" in widget._status.value
+
+
 def test_a_painted_outline_is_filled_unless_the_box_is_unticked(viewer_with_sample, tmp_path):
     """The sample's liver redrawn as its contour: the widget fills it, says so, and gives what the
     whole painting gives, in the scan and in another open scan; unticked, the contour is kept and
