@@ -242,21 +242,32 @@ def test_a_folder_run_says_when_the_support_is_an_outline(folder, ct_phantom, tm
 
 
 def test_a_folder_run_reads_scans_as_told_and_says_how(folder, tmp_path):
-    """``--modality`` reaches every scan of a folder; the table says how each scan was read."""
+    """A scan read as another modality than the support (an MRI; a CT stored as HU + 1024, which
+    reads as MRI) is refused with the way out, not segmented into a confident wrong mask;
+    ``--modality`` reaches every scan of the folder, and the table says how each was read."""
     root, truths = folder
     scans = tmp_path / "scans"
     scans.mkdir()
     source = read_nifti(root / "scans" / "a.nii.gz")
     write_nifti(scans / "a.nii.gz", np.rint(source.data) + 1024, source.affine)  # HU + 1024
+    mri = make_phantom(seed=12, modality="mri")
+    write_nifti(scans / "mri.nii.gz", mri.image, mri.affine)
     support = ["--support-image", str(root / "support.nii.gz"), "--support-mask", str(root / "support_painted.nii.gz")]
-    for extra, read_as in (([], "MRI (if it is a CT stored as HU + 1024, choose CT)"),
-                           (["--modality", "ct"], "CT stored as HU + 1024")):
-        out = tmp_path / f"out{len(extra)}"
-        assert segment_main([*support, "--scans", str(scans), "--out", str(out), *extra]) == 0
-        with open(out / "summary.csv") as f:
-            [row] = list(csv.DictReader(f))
-        assert row["read_as"] == read_as
-    assert dice(read_nifti(out / "a.nii.gz").data.astype(bool), truths["a"]) > 0.6
+    assert segment_main([*support, "--scans", str(scans), "--out", str(tmp_path / "auto")]) == 3
+    with open(tmp_path / "auto" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["scan"], r["status"]) for r in rows] == [("a.nii.gz", "failed"), ("mri.nii.gz", "failed")]
+    for row in rows:
+        assert row["message"] == ("The support was read as CT and this scan as MRI: a structure is found only in "
+                                  "scans of the support's kind. If both are CT (or both MRI), say so with the "
+                                  "modality (--modality, or the widget's scan type).")
+    assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == ["summary.csv"]
+    assert segment_main([*support, "--scans", str(scans), "--pattern", "a.nii.gz", "--out", str(tmp_path / "ct"),
+                         "--modality", "ct"]) == 0
+    with open(tmp_path / "ct" / "summary.csv") as f:
+        [row] = list(csv.DictReader(f))
+    assert row["read_as"] == "CT stored as HU + 1024"
+    assert dice(read_nifti(tmp_path / "ct" / "a.nii.gz").data.astype(bool), truths["a"]) > 0.6
 
 
 def test_support_with_a_mismatched_mask_is_named(tmp_path, ct_phantom):

@@ -464,6 +464,24 @@ def test_segment_the_same_structure_in_other_open_images_and_a_folder(viewer_wit
     assert (results / "summary.csv").read_text().count("\n") == 3  # header + two scans
 
 
+def test_an_open_mri_is_refused_as_the_other_kind_of_scan_than_the_ct_painted(viewer_with_sample):
+    """The sample CT's liver looked for in an open MRI: refused with the way out (a CT support
+    found 0-31 Dice in MRIs, at the confidence of a true find), and no layer is added."""
+    from napari_densemp.napari_io import layer_from_array
+
+    viewer, widget = viewer_with_sample
+    mri = make_phantom(seed=12, modality="mri")
+    data, kwargs, _ = layer_from_array(mri.image, mri.affine, "an MRI")
+    viewer.add_image(data, **kwargs)
+    names = {layer.name for layer in viewer.layers}
+    widget.reset_choices()
+    widget._image.value = viewer.layers["phantom CT"]
+    widget.segment_open_images()
+    widget.wait()
+    assert "'an MRI': failed: The support was read as CT and this scan as MRI" in widget._status.value
+    assert {layer.name for layer in viewer.layers} == names
+
+
 def test_several_painted_structures_are_found_in_the_other_open_images(viewer_with_sample):
     viewer, widget = viewer_with_sample
     _paint_right_kidney_too(viewer)
