@@ -7,6 +7,7 @@ NIfTI convention (RAS mm), so DICOM and NIfTI scans flow through the same code.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +23,7 @@ except ImportError:  # optional: pip install "napari-densemp[dicom]"
     pydicom = None
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+log = logging.getLogger(__name__)
 
 
 def looks_like_dicom_folder(path: str | os.PathLike) -> bool:
@@ -110,7 +112,7 @@ def _sorted_series(folder: Path, series: dict[str, list] | None = None):
         series, _ = _collect(folder)
     if not series:
         raise DenseMPError(f"No DICOM images with position and orientation in {folder}.")
-    files = max(series.values(), key=len)
+    files = _largest_series(folder, series)
     if len(files) < 2:
         raise DenseMPError(f"The DICOM series in {folder} has a single slice; a 3D volume needs several.")
     first = files[0][1]
@@ -118,6 +120,30 @@ def _sorted_series(folder: Path, series: dict[str, list] | None = None):
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for _, ds in files])
     order = _spatial_order(positions, along_row, along_column, f"The DICOM series in {folder}")
     return [files[i] for i in order], positions[order], first, along_row, along_column
+
+
+def _largest_series(folder: Path, series: dict[str, list]) -> list:
+    """The series with most slices: a study folder also holds localizers and other sequences,
+    and the one read is named. Two of the same size (contrast phases, two echoes) cannot be told
+    apart, and reading either might not be the scan the mask was painted on: an error."""
+    ranked = sorted(series.values(), key=len, reverse=True)
+    if len(ranked) > 1:
+        tied = [files for files in ranked if len(files) == len(ranked[0])]
+        if len(tied) > 1:
+            raise DenseMPError(f"{folder} holds {len(tied)} image series of {len(ranked[0])} slices: "
+                               f"{', '.join(_series_name(files) for files in tied)}. Give the folder of the one "
+                               f"to read.")
+        log.warning("%s holds %d image series; read %s (%d slices). The others: %s. To read another, give its "
+                    "folder.", folder, len(ranked), _series_name(ranked[0]), len(ranked[0]),
+                    ", ".join(f"{_series_name(files)} ({len(files)})" for files in ranked[1:]))
+    return ranked[0]
+
+
+def _series_name(files: list) -> str:
+    ds = files[0][1]
+    number, description = getattr(ds, "SeriesNumber", None), str(getattr(ds, "SeriesDescription", "") or "")
+    name = f"series {number}" if number not in (None, "") else "a series"
+    return f'{name} "{description}"' if description else name
 
 
 def _directions(orientation) -> tuple[np.ndarray, np.ndarray]:

@@ -85,13 +85,14 @@ def test_writer_without_source_geometry_uses_the_layer_scale(tmp_path):
     assert np.allclose(saved.affine, np.diag([2.0, 1.5, 1.0, 1.0]))
 
 
-def _write_dicom_series(folder, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=2.5, shuffle=True):
+def _write_dicom_series(folder, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=2.5, shuffle=True,
+                        number: int | None = None, description: str = ""):
     """A CT series as a scanner writes it: one file per slice, files in arbitrary order."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     series = generate_uid()
     n = volume_crs.shape[2]
     order = np.random.default_rng(3).permutation(n) if shuffle else np.arange(n)
@@ -100,9 +101,12 @@ def _write_dicom_series(folder, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"f{file_index:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds = FileDataset(str(folder / f"{number or ''}f{file_index:03d}.dcm"), {}, file_meta=meta,
+                         preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series
+        if number is not None:
+            ds.SeriesNumber, ds.SeriesDescription = number, description
         ds.Modality = "CT"
         ds.Rows, ds.Columns = volume_crs.shape[1], volume_crs.shape[0]
         ds.PixelSpacing = [spacing[0], spacing[1]]
@@ -138,6 +142,27 @@ def test_dicom_series_with_a_missing_slice_is_named(tmp_path):
 
     with pytest.raises(DenseMPError, match="uneven slice gaps"):
         read_dicom_series(tmp_path / "series")
+
+
+def test_a_study_folder_reads_its_largest_series_and_names_it(tmp_path, caplog):
+    """A folder with a 3-slice localizer, a 6-slice axial series and a 4-slice one: the axial
+    series is read and named with the others; two series of the same size are an error that
+    names both, since either might not be the scan that was painted."""
+    from napari_densemp.dicom import read_dicom_series
+
+    volume = np.random.default_rng(2).integers(-1000, 1000, (12, 10, 6)).astype(np.float32)
+    study = tmp_path / "study"
+    _write_dicom_series(study, volume, number=4, description="AX abdomen")
+    _write_dicom_series(study, volume[..., :3], number=1, description="localizer")
+    _write_dicom_series(study, volume[..., :4], gap=5.0, number=7)
+    scan = read_dicom_series(study)
+    assert np.array_equal(scan.data, volume)
+    assert (f'{study} holds 3 image series; read series 4 "AX abdomen" (6 slices). The others: series 7 (4), '
+            f'series 1 "localizer" (3)') in caplog.text
+    _write_dicom_series(study, volume, number=5, description="AX abdomen late")
+    with pytest.raises(DenseMPError, match=r'holds 2 image series of 6 slices: series \d "AX abdomen( late)?", '
+                                           r'series \d "AX abdomen( late)?"\. Give the folder of the one to read'):
+        read_dicom_series(study)
 
 
 def _write_enhanced_image(path, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=2.5, tilted_frame=None):
