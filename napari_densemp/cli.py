@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             for axis, z in structure["outlines"]:
                 print(f"  the painting on slice {z} of axis {axis} is a closed outline: its inside was taken as the "
                       f"structure (--keep-outlines keeps it a ring)")
-            for axis, z in structure["tiny_paintings"]:
-                print(f"  tip: {tiny_painting_tip(axis, z)}")
+            for axis, voxel in structure["tiny_paintings"]:
+                print(f"  tip: {tiny_painting_tip(axis, voxel)}")
             if structure["tip"]:
                 print(f"  tip: {structure['tip']}")
         if len(structures) > 1:

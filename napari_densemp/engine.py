@@ -52,6 +52,7 @@ from .painting import (
     painted_binary,
     painted_labels,
     painted_planes,
+    painted_voxel,
     painting_axis,
     plane_axis,
     slices_holding,
@@ -220,7 +221,8 @@ class PropagationResult:
     planes: dict[int, list[int]] = field(default_factory=dict)  # painted in several planes: axis -> slices walked
     read_as: str = ""  # how the scan's intensities were read: "CT", "CT stored as HU + 1024", "MRI"
     filled_outlines: list[tuple[int, int]] = field(default_factory=list)  # (axis, slice) of paintings filled
-    tiny_paintings: list[tuple[int, int]] = field(default_factory=list)  # (axis, slice): a stray click?
+    # (axis, a voxel) of each slice painted on its own with a tiny painting: a stray click?
+    tiny_paintings: list[tuple[int, tuple[int, int, int]]] = field(default_factory=list)
 
 
 def _agreeing(results: list[PropagationResult], painted: np.ndarray) -> np.ndarray:
@@ -741,7 +743,7 @@ def _propagate_across(volume: np.ndarray, binary: np.ndarray, model: Model, spac
                              slice_range=_slice_range(out), painted_slices=painted_slices,
                              seconds_features=seconds, seconds_head=time.perf_counter() - start - seconds,
                              reused_features=seconds == 0, axis=axis, read_as=feats.read_as,
-                             tiny_paintings=[(axis, z) for z in tiny_paintings(paint)])
+                             tiny_paintings=[(axis, painted_voxel(binary, axis, z)) for z in tiny_paintings(paint)])
 
 
 def propagate_labels(volume: np.ndarray, painted: np.ndarray, model: Model,

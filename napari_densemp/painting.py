@@ -173,10 +173,20 @@ def tiny_paintings(paint: np.ndarray, share: float = TINY_SHARE) -> list[int]:
             and not (z > 0 and areas[z - 1]) and not (z + 1 < len(areas) and areas[z + 1])]
 
 
-def tiny_painting_tip(axis: int, z: int) -> str:
+def painted_voxel(binary: np.ndarray, axis: int, z: int) -> tuple[int, int, int]:
+    """A painted voxel of slice ``z`` across ``axis`` (the middle one in scan order): where to
+    look for a tiny painting, which is hard to find by eye."""
+    plane = np.argwhere(np.take(binary, z, axis=axis))
+    voxel = [int(v) for v in plane[len(plane) // 2]]
+    voxel.insert(axis, int(z))
+    return tuple(voxel)
+
+
+def tiny_painting_tip(axis: int, voxel: tuple[int, int, int]) -> str:
     """:func:`tiny_paintings` as the tip the CLI prints and the widget shows."""
-    return (f"slice {z} of axis {axis} is painted with under {TINY_SHARE:.0%} of the largest painted slice's "
-            f"area: it is drawn as painted and the walks end there; if it is a stray click, erase it and run again")
+    return (f"slice {voxel[axis]} of axis {axis} is painted (at voxel {list(voxel)}) with under {TINY_SHARE:.0%} "
+            f"of the largest painted slice's area: it is drawn as painted and the walks end there; if it is a "
+            f"stray click, erase it and run again")
 
 
 def larger_slice(mask: np.ndarray, painted: np.ndarray, axis: int,

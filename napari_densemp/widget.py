@@ -128,12 +128,15 @@ class _Request:
         return (self.geometry.stored(self.volume), self.geometry.stored(self.painted),
                 self.geometry.stored_spacing, stored_axis, self.geometry.affine)
 
-    def display_slice(self, axis: int, z: int) -> tuple[int, int]:
-        """A slice (axis, index) of the stored grid as napari shows it."""
+    def display_voxel(self, axis: int, voxel: tuple[int, int, int]) -> tuple[int, tuple[int, int, int]]:
+        """An axis and a voxel of the stored grid as napari shows them."""
         if self.geometry is None or self.geometry.display_shape != self.volume.shape:
-            return axis, z
-        shown, flip = (int(v) for v in self.geometry.to_display[axis])
-        return shown, z if flip > 0 else self.geometry.stored_shape[axis] - 1 - z
+            return axis, voxel
+        shown = [0, 0, 0]
+        for stored_axis, (display_axis, flip) in enumerate(self.geometry.to_display):
+            index = voxel[stored_axis]
+            shown[int(display_axis)] = index if flip > 0 else self.geometry.stored_shape[stored_axis] - 1 - index
+        return int(self.geometry.to_display[axis][0]), tuple(shown)
 
     def to_display(self, mask: np.ndarray, per_slice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The engine's mask and per-slice values back on the display grid."""
@@ -347,8 +350,8 @@ class OneShotWidget(Container):
                          seconds_head=sum(r.seconds_head for r in results.values()),
                          reused_features=all(r.reused_features for r in results.values()),
                          filled_outlines=[o for r in results.values() for o in r.filled_outlines],
-                         tiny_paintings=[request.display_slice(*z) for r in results.values()
-                                         for z in r.tiny_paintings])
+                         tiny_paintings=[request.display_voxel(*t) for r in results.values()
+                                         for t in r.tiny_paintings])
         values, result.confidence = request.to_display(values, result.confidence)
         result.mask = values != 0
         on_slices = np.flatnonzero(result.mask.any(axis=tuple(a for a in range(3) if a != request.axis)))
@@ -507,7 +510,7 @@ class OneShotWidget(Container):
                   f"volume {volumes}; read as {result.read_as}\n"
                   f"mean confidence {kept.mean() if kept.size else 0:.2f}; "
                   f"{seconds:.1f} s ({features})" + (_OUTLINE_NOTE if result.filled_outlines else "")
-                  + "".join(f"\nTip: {tiny_painting_tip(*z)}" for z in result.tiny_paintings)
+                  + "".join(f"\nTip: {tiny_painting_tip(*t)}" for t in result.tiny_paintings)
                   + "".join(_tips(request, labels, values)))
         self._last = (layer, summary)
         self._show_slice_info()

@@ -97,16 +97,17 @@ def test_a_stray_click_gets_a_tip_naming_its_slice(files, tmp_path, capsys):
     painted = read_nifti(painted_path).data
     z = int(np.flatnonzero(painted.any(axis=(0, 1)))[0])
     inside = np.argwhere(painted[..., z])
-    x, y = inside[len(inside) // 2]
+    x, y = (int(v) for v in inside[len(inside) // 2])
     painted[3, 3, z + 2] = 1
     painted[x, y, z - 2] = 1
     clicked = write_nifti(tmp_path / "clicked.nii.gz", painted, affine)
     assert main([str(image), str(clicked), "-o", str(tmp_path / "out.nii.gz")]) == 0
     out = capsys.readouterr().out
     assert f"(painted [{z - 2}, {z}, {z + 2}])" in out
-    for k in (z - 2, z + 2):
-        assert (f"tip: slice {k} of axis 2 is painted with under 2% of the largest painted slice's area: it is "
-                f"drawn as painted and the walks end there; if it is a stray click, erase it and run again") in out
+    for voxel in ([x, y, z - 2], [3, 3, z + 2]):
+        assert (f"tip: slice {voxel[2]} of axis 2 is painted (at voxel {voxel}) with under 2% of the largest "
+                f"painted slice's area: it is drawn as painted and the walks end there; if it is a stray click, "
+                f"erase it and run again") in out
 
 
 def test_a_painted_outline_is_filled_and_said_so_unless_kept(files, phantom, capsys):

@@ -633,7 +633,7 @@ def test_a_stray_click_is_drawn_as_painted_and_named(ct_phantom, default_model):
     stray[10, 10, z + 5] = 1
     run = dict(spacing=ct_phantom.spacing, affine=ct_phantom.affine)
     clean, clicked = (propagate(ct_phantom.image, p, default_model, **run) for p in (painted, stray))
-    assert clicked.tiny_paintings == [(2, z + 5)] and clean.tiny_paintings == []
+    assert clicked.tiny_paintings == [(2, (10, 10, z + 5))] and clean.tiny_paintings == []
     assert clicked.painted_slices == [z, z + 5] and clicked.mask[..., z + 5].sum() == 1
     assert dice(clean.mask, truth) >= 0.8 and dice(clicked.mask, truth) < dice(clean.mask, truth) - 0.2
 

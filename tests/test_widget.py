@@ -152,7 +152,7 @@ def test_a_stray_click_gets_a_tip_naming_its_slider_position(viewer_with_sample)
     painting.data = data
     _run(widget)
     np.testing.assert_array_equal(viewer.layers["phantom CT 6 propagated"].data, _engine_result(viewer))
-    assert f"\nTip: slice {z + 3} of axis 0 is painted with under 2% of the largest" in widget._status.value
+    assert f"\nTip: slice {z + 3} of axis 0 is painted (at voxel {[z + 3, 2, 2]}) with under 2%" in widget._status.value
 
 
 def test_a_painted_outline_is_filled_unless_the_box_is_unticked(viewer_with_sample, tmp_path):
