@@ -204,7 +204,7 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
                 scan = read_scan(path)
                 scan = Scan(as_3d(scan.data, path, "scan"), scan.affine, scan.header, scan.path)
                 values, results = segment_scan(support, scan, model, axis, options, cache, cancel, modality)
-                write_nifti(out, values, scan.affine, reference=scan.header, overwrite=overwrite)
+                write_nifti(out, values, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
                 scan_rows = _done_rows(scan, path.name, time.perf_counter() - start, values, results, out)
             except Cancelled:
                 break

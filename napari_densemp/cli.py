@@ -138,7 +138,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
             out, results = result.mask.astype(np.uint8), {labels[0] if label is None else label: result}
     finally:
         close()
-    write_nifti(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite)
+    write_nifti(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
@@ -247,8 +247,8 @@ def run_demo(out_dir: Path, args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     image_path, painted_path = out_dir / "demo_ct.nii.gz", out_dir / "demo_liver_painted.nii.gz"
     write_nifti(image_path, phantom.image, phantom.affine, overwrite=True)
-    write_nifti(painted_path, painted, phantom.affine, overwrite=True)
-    write_nifti(out_dir / "demo_liver_truth.nii.gz", truth.astype(np.uint8), phantom.affine, overwrite=True)
+    write_nifti(painted_path, painted, phantom.affine, overwrite=True, mask=True)
+    write_nifti(out_dir / "demo_liver_truth.nii.gz", truth.astype(np.uint8), phantom.affine, overwrite=True, mask=True)
     out_path = out_dir / "demo_liver_propagated.nii.gz"
     summary = segment_file(image_path, painted_path, out_path, args.model, axis=2, device=args.device,
                            overwrite=True)

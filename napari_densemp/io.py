@@ -94,10 +94,12 @@ def read_scan(path: str | os.PathLike) -> Scan:
 
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
-                reference: nib.Nifti1Header | None = None, overwrite: bool = False) -> Path:
+                reference: nib.Nifti1Header | None = None, overwrite: bool = False, mask: bool = False) -> Path:
     """Write ``data`` with exactly ``affine`` (and the reference header's codes) atomically.
 
-    Refuses to replace an existing file unless ``overwrite``: nothing a user saved is lost.
+    Refuses to replace an existing file unless ``overwrite``: nothing a user saved is lost. A
+    ``mask`` is marked as label values and drops the scan's display window (``cal_min`` /
+    ``cal_max``, e.g. -1000 to 3000 HU), in which viewers that honour it would show it black.
     """
     path = Path(path)
     if not is_nifti(path):
@@ -114,6 +116,10 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
         image.set_qform(affine, code=int(reference["qform_code"]) or 1)
         image.set_sform(affine, code=int(reference["sform_code"]) or 1)
     image.header.set_slope_inter(1.0, 0.0)
+    if mask:
+        image.header["cal_min"] = image.header["cal_max"] = 0
+        image.header.set_intent("label")
+        image.header["descrip"] = b"napari-densemp mask"
     if str(path).lower().endswith(".gz"):
         # gzip without a file name or time stamp: the same volume gives the same bytes
         payload = gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)

@@ -97,7 +97,7 @@ def write_labels(path: str, data: np.ndarray, attributes: dict) -> list[str]:
         path = f"{path}.nii.gz"
     values_max = int(stored.max()) if stored.size else 0
     dtype = np.uint8 if values_max <= 255 else np.int32
-    return [str(write_nifti(path, stored.astype(dtype), affine, overwrite=True))]
+    return [str(write_nifti(path, stored.astype(dtype), affine, overwrite=True, mask=True))]
 
 
 # --------------------------------------------------------------------------- sample data

@@ -60,6 +60,24 @@ def test_segments_with_exact_geometry(files, phantom, capsys):
     assert f"{voxels} voxels ({ml:.1f} ml) on slices" in capsys.readouterr().out
 
 
+def test_the_mask_keeps_the_scans_codes_but_not_its_display_window(files, tmp_path):
+    """A scanner's header: qform and sform codes kept in the mask; its display window (-1000 to
+    3000 HU, in which a 0/1 mask shows black) and description dropped; marked as labels."""
+    _, image, painted, affine = files
+    scan = nib.load(str(image))
+    header = scan.header.copy()
+    header["cal_min"], header["cal_max"], header["descrip"] = -1000, 3000, b"CT abdomen 5mm"
+    with_window = nib.Nifti1Image(np.asarray(scan.dataobj), affine, header=header)
+    with_window.set_qform(affine, code=1)
+    with_window.set_sform(affine, code=4)
+    nib.save(with_window, tmp_path / "ct_window.nii.gz")
+    assert main([str(tmp_path / "ct_window.nii.gz"), str(painted), "-o", str(tmp_path / "mask.nii.gz")]) == 0
+    out = nib.load(str(tmp_path / "mask.nii.gz")).header
+    assert (int(out["qform_code"]), int(out["sform_code"])) == (1, 4)
+    assert (float(out["cal_min"]), float(out["cal_max"])) == (0.0, 0.0)
+    assert out.get_intent()[0] == "label" and out["descrip"].tobytes().rstrip(b"\0") == b"napari-densemp mask"
+
+
 def test_a_painting_saved_in_another_orientation_is_turned_onto_the_scan(files, phantom, tmp_path):
     """A tool that saves the mask reoriented to RAS (axes swapped and flipped, same voxels): the
     mask is turned back onto the scan's grid, and the run, alone or as a folder's support, gives
