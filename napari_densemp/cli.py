@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = lambda message, *_, **__: f"densemp-segment: warning: {message}\n"
     try:
         if args.demo:
             return run_demo(args.out or Path("densemp-demo"), args)

@@ -7,8 +7,8 @@ NIfTI convention (RAS mm), so DICOM and NIfTI scans flow through the same code.
 
 from __future__ import annotations
 
-import logging
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,7 +23,6 @@ except ImportError:  # optional: pip install "napari-densemp[dicom]"
     pydicom = None
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-log = logging.getLogger(__name__)
 
 
 def looks_like_dicom_folder(path: str | os.PathLike) -> bool:
@@ -124,7 +123,7 @@ def _sorted_series(folder: Path, series: dict[str, list] | None = None):
 
 def _largest_series(folder: Path, series: dict[str, list]) -> list:
     """The series with most slices: a study folder also holds localizers and other sequences,
-    and the one read is named. Two of the same size (contrast phases, two echoes) cannot be told
+    and the one read is named in a warning. Two of the same size (contrast phases, two echoes) cannot be told
     apart, and reading either might not be the scan the mask was painted on: an error."""
     ranked = sorted(series.values(), key=len, reverse=True)
     if len(ranked) > 1:
@@ -133,9 +132,11 @@ def _largest_series(folder: Path, series: dict[str, list]) -> list:
             raise DenseMPError(f"{folder} holds {len(tied)} image series of {len(ranked[0])} slices: "
                                f"{', '.join(_series_name(files) for files in tied)}. Give the folder of the one "
                                f"to read.")
-        log.warning("%s holds %d image series; read %s (%d slices). The others: %s. To read another, give its "
-                    "folder.", folder, len(ranked), _series_name(ranked[0]), len(ranked[0]),
-                    ", ".join(f"{_series_name(files)} ({len(files)})" for files in ranked[1:]))
+        others = ", ".join(f"{_series_name(files)} ({len(files)})" for files in ranked[1:])
+        # a warning, not a log line: napari shows it to whoever opened the folder
+        warnings.warn(f"{folder} holds {len(ranked)} image series; read {_series_name(ranked[0])} "
+                      f"({len(ranked[0])} slices). The others: {others}. To read another, give its folder.",
+                      stacklevel=3)
     return ranked[0]
 
 

@@ -144,7 +144,7 @@ def test_dicom_series_with_a_missing_slice_is_named(tmp_path):
         read_dicom_series(tmp_path / "series")
 
 
-def test_a_study_folder_reads_its_largest_series_and_names_it(tmp_path, caplog):
+def test_a_study_folder_reads_its_largest_series_and_names_it(tmp_path):
     """A folder with a 3-slice localizer, a 6-slice axial series and a 4-slice one: the axial
     series is read and named with the others; two series of the same size are an error that
     names both, since either might not be the scan that was painted."""
@@ -155,10 +155,12 @@ def test_a_study_folder_reads_its_largest_series_and_names_it(tmp_path, caplog):
     _write_dicom_series(study, volume, number=4, description="AX abdomen")
     _write_dicom_series(study, volume[..., :3], number=1, description="localizer")
     _write_dicom_series(study, volume[..., :4], gap=5.0, number=7)
-    scan = read_dicom_series(study)
+    with pytest.warns(UserWarning) as warned:
+        scan = read_dicom_series(study)
     assert np.array_equal(scan.data, volume)
-    assert (f'{study} holds 3 image series; read series 4 "AX abdomen" (6 slices). The others: series 7 (4), '
-            f'series 1 "localizer" (3)') in caplog.text
+    assert str(warned[0].message) == (f'{study} holds 3 image series; read series 4 "AX abdomen" (6 slices). The '
+                                      f'others: series 7 (4), series 1 "localizer" (3). To read another, give its '
+                                      f'folder.')
     _write_dicom_series(study, volume, number=5, description="AX abdomen late")
     with pytest.raises(DenseMPError, match=r'holds 2 image series of 6 slices: series \d "AX abdomen( late)?", '
                                            r'series \d "AX abdomen( late)?"\. Give the folder of the one to read'):
