@@ -123,8 +123,8 @@ def _sorted_series(folder: Path, series: dict[str, list] | None = None):
 
 def _largest_series(folder: Path, series: dict[str, list]) -> list:
     """The series with most slices: a study folder also holds localizers and other sequences,
-    and the one read is named in a warning. Two of the same size (contrast phases, two echoes) cannot be told
-    apart, and reading either might not be the scan the mask was painted on: an error."""
+    and the one read is named in a warning. Two of the same size (contrast phases, two echoes)
+    cannot be told apart, and either might not be the scan that was painted: an error."""
     ranked = sorted(series.values(), key=len, reverse=True)
     if len(ranked) > 1:
         tied = [files for files in ranked if len(files) == len(ranked[0])]

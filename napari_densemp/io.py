@@ -171,6 +171,14 @@ class Geometry:
         self._check(data, self.stored_shape)
         return nib.orientations.apply_orientation(data, self.to_display)
 
+    def display_index(self, voxel: tuple[int, int, int]) -> tuple[int, int, int]:
+        """A voxel index of the stored grid as it lies in the display array."""
+        shown = [0, 0, 0]
+        for stored_axis, (display_axis, flip) in enumerate(self.to_display):
+            index = int(voxel[stored_axis])
+            shown[int(display_axis)] = index if flip > 0 else self.stored_shape[stored_axis] - 1 - index
+        return tuple(shown)
+
     def stored(self, data: np.ndarray) -> np.ndarray:
         """Display array -> stored array, exactly undoing :meth:`display`."""
         self._check(data, self.display_shape)

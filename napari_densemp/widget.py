@@ -132,11 +132,7 @@ class _Request:
         """An axis and a voxel of the stored grid as napari shows them."""
         if self.geometry is None or self.geometry.display_shape != self.volume.shape:
             return axis, voxel
-        shown = [0, 0, 0]
-        for stored_axis, (display_axis, flip) in enumerate(self.geometry.to_display):
-            index = voxel[stored_axis]
-            shown[int(display_axis)] = index if flip > 0 else self.geometry.stored_shape[stored_axis] - 1 - index
-        return int(self.geometry.to_display[axis][0]), tuple(shown)
+        return int(self.geometry.to_display[axis][0]), self.geometry.display_index(voxel)
 
     def to_display(self, mask: np.ndarray, per_slice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The engine's mask and per-slice values back on the display grid."""

@@ -37,6 +37,8 @@ def test_display_orientation_is_radiological_and_exactly_invertible(codes):
     assert nib.aff2axcodes(display_affine) == DISPLAY_AXCODES  # slider feet->head, anterior up, R on left
     assert np.array_equal(geometry.stored(shown), data)
     assert np.allclose(np.linalg.norm(display_affine[:3, :3], axis=0), geometry.display_spacing)
+    for voxel in [(0, 0, 0), (4, 1, 6), (2, 5, 3)]:  # a voxel's index on each grid holds the same value
+        assert shown[geometry.display_index(voxel)] == data[voxel]
     with pytest.raises(DenseMPError, match="does not match"):
         geometry.stored(np.zeros((2, 2, 2)))
 
