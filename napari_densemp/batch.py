@@ -31,7 +31,7 @@ from .engine import (
     walked_axes,
 )
 from .errors import DenseMPError
-from .io import Scan, as_3d, is_nifti, mask_on_scan_grid, read_scan, write_nifti
+from .io import Scan, as_3d, is_nifti, mask_on_scan_grid, read_nifti, read_scan, write_nifti
 from .preprocessing import Modality
 
 SUMMARY_FIELDS = ["scan", "structure", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
@@ -67,7 +67,7 @@ class Support:
 
     @classmethod
     def from_files(cls, image: str | Path, mask: str | Path, label: int | None = None) -> Support:
-        scan, painted = read_scan(image), read_scan(mask)
+        scan, painted = read_scan(image), read_nifti(mask)
         volume = as_3d(scan.data, image, "support image")
         binary = mask_on_scan_grid(painted, scan, "support mask", "support image")
         return cls(Scan(volume, scan.affine, scan.header, scan.path), binary, label)

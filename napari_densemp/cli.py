@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    warnings.formatwarning = lambda message, *_, **__: f"densemp-segment: warning: {message}\n"
+    # restored below: main also runs in-process (tests, notebooks)
+    previous, warnings.formatwarning = warnings.formatwarning, _plain_warning
     try:
         if args.demo:
             return run_demo(args.out or Path("densemp-demo"), args)
@@ -306,7 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("densemp-segment: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
     return 0
+
+
+def _plain_warning(message, *_, **__) -> str:
+    """A warning (a scan read with a guess) as one line for the user, without source lines."""
+    return f"densemp-segment: warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_densemp.cli import main
+from napari_densemp.cli import _plain_warning, main
 from napari_densemp.io import read_nifti, write_nifti
 from src_data.phantoms import LIVER, RIGHT_KIDNEY
 
@@ -76,6 +76,24 @@ def test_the_mask_keeps_the_scans_codes_but_not_its_display_window(files, tmp_pa
     assert (int(out["qform_code"]), int(out["sform_code"])) == (1, 4)
     assert (float(out["cal_min"]), float(out["cal_max"])) == (0.0, 0.0)
     assert out.get_intent()[0] == "label" and out["descrip"].tobytes().rstrip(b"\0") == b"napari-densemp mask"
+
+
+def test_a_scan_without_voxel_size_or_orientation_is_said_to_be_read_as_1_mm(phantom, tmp_path):
+    """A file saved from numpy with the identity affine: the run works on 1 mm voxels, warns
+    once (the scan, not the mask), as one plain line, and keeps that affine."""
+    import warnings
+
+    painted, _ = paint_largest(phantom.label, RIGHT_KIDNEY)
+    image = write_nifti(tmp_path / "numpy.nii.gz", phantom.image, np.eye(4))
+    mask = write_nifti(tmp_path / "numpy_painted.nii.gz", painted, np.eye(4))
+    with pytest.warns(UserWarning, match="records no voxel size or orientation") as warned:
+        assert main([str(image), str(mask), "-o", str(tmp_path / "out.nii.gz")]) == 0
+    [message] = [str(w.message) for w in warned if "voxel size" in str(w.message)]
+    assert message.startswith(f"{image} records no voxel size or orientation (its affine is the identity): its "
+                              f"voxels are taken as 1 mm cubes in the stored orientation.")
+    assert _plain_warning(message, UserWarning, "f.py", 1) == f"densemp-segment: warning: {message}\n"
+    assert warnings.formatwarning is not _plain_warning  # the process's own again after main returned
+    np.testing.assert_array_equal(read_nifti(tmp_path / "out.nii.gz").affine, np.eye(4))
 
 
 def test_a_painting_saved_in_another_orientation_is_turned_onto_the_scan(files, phantom, tmp_path):
