@@ -92,7 +92,8 @@ def read_scan(path: str | os.PathLike) -> Scan:
 
         return read_dicom_series(path)
     scan = read_nifti(path)
-    if np.allclose(scan.affine, np.eye(4)):
+    volume = scan.data.ndim >= 3 and all(n == 1 for n in scan.data.shape[3:])  # else refused as not 3D
+    if volume and np.allclose(scan.affine, np.eye(4)):
         # what numpy-made files carry: nothing tells the voxel size, and guessing 1 mm costs accuracy
         warnings.warn(f"{path} records no voxel size or orientation (its affine is the identity): its voxels are "
                       f"taken as 1 mm cubes in the stored orientation. If they are not, set them in its header (a "
