@@ -13,6 +13,7 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --paint-at 0.25
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --bias-field 0.3
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split seen --stray-click 1
+    python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split seen --header no-orientation
 
 ``--plane coronal`` (or sagittal) paints and walks that plane's slices instead of the axial ones,
 as a user painting on a coronal view does; ``--plane axial+coronal`` paints the largest slice of
@@ -168,6 +169,25 @@ def stored_as(view: str, volume: np.ndarray, label: np.ndarray, affine: np.ndarr
     return *moved, affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
 
 
+# A header that lost part of the geometry: "identity" is what numpy-made NIfTI files carry (1 mm
+# cubes in the stored order); "no-orientation" is a header with qform and sform codes 0, as
+# ANALYZE-era and some MATLAB tools write it: nibabel keeps the voxel sizes and assumes the first
+# axis runs from the patient's right to left (LAS order), whatever the scan's true orientation.
+HEADERS = ("kept", "identity", "no-orientation")
+
+
+def header_as(header: str, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The affine a reader finds when the scan's header is ``header`` (see HEADERS)."""
+    if header == "identity":
+        return np.eye(4)
+    if header == "no-orientation":
+        analyze = nib.Nifti1Header()
+        analyze.set_data_shape(shape)
+        analyze.set_zooms(tuple(float(z) for z in nib.affines.voxel_sizes(affine)))
+        return analyze.get_base_affine()
+    return affine
+
+
 def resliced(volume: np.ndarray, label: np.ndarray, affine: np.ndarray, slice_mm: float):
     """Scan, label and affine re-sliced along the axial axis to ``slice_mm`` thick slices.
 
@@ -213,13 +233,16 @@ def bias_field(shape: tuple[int, int, int], strength: float, seed: int) -> np.nd
 def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptions,
                      organs: list[int] | None = None, view: str = "stored", plane: str = "axial",
                      slice_mm: float | None = None, as_stored: bool = False, modality: str = "auto",
-                     at: float | None = None, bias: float = 0.0, stray_radius: int | None = None):
+                     at: float | None = None, bias: float = 0.0, stray_radius: int | None = None,
+                     header: str = "kept"):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
     range, seconds), painting the organ's ``plane`` slice of largest area and scoring the whole
     volume, with the scans stored as ``view`` says (see VIEWS). ``as_stored`` gives the engine
     the intensities as the files hold them (OpenKBP: HU + 1024), as ``densemp-segment`` reads them;
     ``bias`` multiplies MRIs by a smooth field of that strength (see ``bias_field``);
-    ``stray_radius`` leaves a click of that radius on another slice (see ``stray_click``)."""
+    ``stray_radius`` leaves a click of that radius on another slice (see ``stray_click``);
+    ``header`` gives the engine the affine of a header that lost part of the geometry (see
+    ``header_as``)."""
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
@@ -231,6 +254,7 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
         volume, label, affine = stored_as(view, volume, scan.label, scan.affine)
         if slice_mm:
             volume, label, affine = resliced(volume, label, affine, slice_mm)
+        affine = header_as(header, affine, volume.shape)
         cache = FeatureCache(max_volumes=2)  # two planes painted: each axis once
         for organ in organs or [int(v) for v in np.unique(label) if v]:
             truth = label == organ
@@ -287,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(0.3: 0.74x to 1.35x), as an uncorrected coil's shading")
     parser.add_argument("--stray-click", type=int, metavar="RADIUS",
                         help="also leave a click of this radius (pixels) in the body 3-6 slices from the painting")
+    parser.add_argument("--header", default="kept", choices=HEADERS,
+                        help="read every scan as a header that lost its geometry would give it: identity "
+                             "(numpy-made: 1 mm cubes), no-orientation (qform and sform codes 0)")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -301,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, args.first_seed,
                                                args.scans),
                                   model, options, args.organs, args.view, args.plane, args.slice_mm, args.as_stored,
-                                  args.modality, args.paint_at, args.bias_field, args.stray_click)
+                                  args.modality, args.paint_at, args.bias_field, args.stray_click, args.header)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
           f"plane {args.plane}; slices {args.slice_mm or 'stored'} mm; "
           f"intensities {'as stored' if args.as_stored else 'in HU'}, modality {args.modality}; "
           f"painted {'largest slice' if args.paint_at is None else f'at {args.paint_at} of the extent'}; "
           f"MRI bias field {args.bias_field or 'none'}; stray click {args.stray_click or 'none'}; "
+          f"header {args.header}; "
           f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []

@@ -25,6 +25,11 @@ class Scan:
     path: Path | None = None
 
     @property
+    def codes(self) -> tuple[int, int] | None:
+        """The NIfTI qform and sform codes (None for DICOM): masks written for the scan keep them."""
+        return None if self.header is None else (int(self.header["qform_code"]), int(self.header["sform_code"]))
+
+    @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) along the stored array axes, read from the affine's columns."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
@@ -93,12 +98,46 @@ def read_scan(path: str | os.PathLike) -> Scan:
         return read_dicom_series(path)
     scan = read_nifti(path)
     volume = scan.data.ndim >= 3 and all(n == 1 for n in scan.data.shape[3:])  # else refused as not 3D
-    if volume and np.allclose(scan.affine, np.eye(4)):
-        # what numpy-made files carry: nothing tells the voxel size, and guessing 1 mm costs accuracy
-        warnings.warn(f"{path} records no voxel size or orientation (its affine is the identity): its voxels are "
-                      f"taken as 1 mm cubes in the stored orientation. If they are not, set them in its header (a "
-                      f"CHAOS MRI of 1.25 x 1.25 x 7.7 mm voxels read so lost 5.6 Dice).", stacklevel=2)
+    gap = geometry_gap(scan) if volume else None
+    if gap is not None:
+        warnings.warn(gap, stacklevel=2)
     return scan
+
+
+def geometry_gap(scan: Scan) -> str | None:
+    """What a NIfTI scan's header leaves out of its geometry, so that its affine is a guess, and
+    what that costs; None when the header records it.
+
+    The engine cannot refuse such a scan (a true 1 mm grid at the origin looks the same), but a
+    guessed voxel size or orientation costs accuracy, so the user is told which and how to fix it.
+    """
+    if np.allclose(scan.affine, np.eye(4)):  # what numpy-made files carry
+        return (f"{scan.path} records no voxel size or orientation (its affine is the identity): its voxels are "
+                f"taken as 1 mm cubes in the stored orientation. If they are not, set them in its header (a "
+                f"CHAOS MRI of 1.25 x 1.25 x 7.7 mm voxels read so lost 5.6 Dice).")
+    header = scan.header
+    if header is None or int(header["sform_code"]) > 0:
+        return None
+    zero = _zero_voxel_axes(scan.path, header)
+    size = (f"records a voxel size of 0 along {'axes' if len(zero) > 1 else 'axis'} "
+            f"{' and '.join(map(str, zero))}: taken as 1 mm; if it is not, set it in the header (pixdim).")
+    if int(header["qform_code"]) > 0:
+        return f"{scan.path} {size}" if zero else None
+    sizes = " x ".join(f"{v:.3g}" for v in scan.spacing)
+    return (f"{scan.path} records no orientation (its qform and sform codes are 0, as ANALYZE-era and some "
+            f"MATLAB tools write): it is read with {sizes} mm voxels and its first axis taken to run from the "
+            f"patient's right to left. If it is stored another way the model sees it mirrored or turned: set "
+            f"the orientation in its header (head-and-neck CTs stored left to right read so lost 3.1 Dice)."
+            + (f" It also {size}" if zero else ""))
+
+
+def _zero_voxel_axes(path: Path | None, header: nib.Nifti1Header) -> list[int]:
+    """Axes whose voxel size the file records as 0 (nibabel reads them as 1 and only logs it)."""
+    if path is None:
+        return []
+    with nib.openers.ImageOpener(str(path)) as stored:
+        raw = type(header).from_fileobj(stored, check=False)
+    return [axis for axis in range(3) if float(raw["pixdim"][axis + 1]) == 0]
 
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
@@ -121,8 +160,13 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     image = nib.Nifti1Image(data, affine, header=header)
     image.set_data_dtype(data.dtype)
     if reference is not None:
-        image.set_qform(affine, code=int(reference["qform_code"]) or 1)
-        image.set_sform(affine, code=int(reference["sform_code"]) or 1)
+        # The scan's own codes, so that every reader places the mask where it places the scan
+        # (readers differ on a header without codes: nibabel centres it, the NIfTI standard does not)
+        qform_code, sform_code = int(reference["qform_code"]), int(reference["sform_code"])
+        if qform_code == sform_code == 0 and not np.allclose(image.header.get_base_affine(), affine):
+            sform_code = 1  # another grid than the reference's: only codes record it
+        image.set_qform(affine, code=qform_code)
+        image.set_sform(affine, code=sform_code)
     image.header.set_slope_inter(1.0, 0.0)
     if mask:
         image.header["cal_min"] = image.header["cal_max"] = 0
@@ -151,13 +195,14 @@ class Geometry:
     affine: np.ndarray  # stored voxel -> world (RAS mm)
     stored_shape: tuple[int, int, int]
     to_display: np.ndarray  # nibabel orientation transform, stored -> display axes
+    codes: tuple[int, int] | None = None  # the NIfTI scan's qform and sform codes, which its masks keep
 
     @classmethod
-    def for_scan(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
+    def for_scan(cls, affine: np.ndarray, shape: tuple[int, ...], codes: tuple[int, int] | None = None) -> Geometry:
         start = nib.orientations.io_orientation(affine)
         target = nib.orientations.axcodes2ornt(DISPLAY_AXCODES)
         return cls(np.asarray(affine, dtype=np.float64), tuple(int(n) for n in shape[:3]),
-                   nib.orientations.ornt_transform(start, target))
+                   nib.orientations.ornt_transform(start, target), codes)
 
     @property
     def stored_spacing(self) -> tuple[float, float, float]:
@@ -211,15 +256,24 @@ class Geometry:
     def to_metadata(self) -> dict:
         """Plain lists, so the layer's metadata survives napari's copying and saving."""
         return {"affine": self.affine.tolist(), "stored_shape": list(self.stored_shape),
-                "to_display": self.to_display.tolist()}
+                "to_display": self.to_display.tolist(), "codes": None if self.codes is None else list(self.codes)}
 
     @classmethod
     def from_metadata(cls, metadata: dict | None) -> Geometry | None:
         entry = (metadata or {}).get(METADATA_KEY)
         if not entry:
             return None
+        codes = entry.get("codes")
         return cls(np.asarray(entry["affine"], dtype=np.float64), tuple(entry["stored_shape"]),
-                   np.asarray(entry["to_display"], dtype=np.float64))
+                   np.asarray(entry["to_display"], dtype=np.float64), None if codes is None else tuple(codes))
+
+    def reference_header(self) -> nib.Nifti1Header | None:
+        """A header with the scan's codes, for :func:`write_nifti` (None: the scan was no NIfTI)."""
+        if self.codes is None:
+            return None
+        header = nib.Nifti1Header()
+        header["qform_code"], header["sform_code"] = self.codes
+        return header
 
 
 METADATA_KEY = "densemp_geometry"

@@ -45,11 +45,12 @@ def scan_layer(path: str | os.PathLike) -> LayerData:
     if scan.data.ndim != 3:
         raise DenseMPError(f"{path} holds a {scan.data.ndim}D array of shape {scan.data.shape}; "
                            f"napari-densemp reads 3D scans.")
-    return layer_from_array(scan.data, scan.affine, _name(Path(path)), str(path))
+    return layer_from_array(scan.data, scan.affine, _name(Path(path)), str(path), scan.codes)
 
 
-def layer_from_array(data: np.ndarray, affine: np.ndarray, name: str, source: str = "") -> LayerData:
-    geometry = Geometry.for_scan(affine, data.shape)
+def layer_from_array(data: np.ndarray, affine: np.ndarray, name: str, source: str = "",
+                     codes: tuple[int, int] | None = None) -> LayerData:
+    geometry = Geometry.for_scan(affine, data.shape, codes)
     display = np.ascontiguousarray(geometry.display(data))
     metadata = {METADATA_KEY: geometry.to_metadata(), "source": source}
     kwargs = {"name": name, "scale": geometry.display_spacing, "metadata": metadata}
@@ -83,6 +84,7 @@ def write_labels(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     napari's save dialog has already asked before replacing a file; the write is atomic.
     """
     geometry = Geometry.from_metadata(attributes.get("metadata"))
+    reference = None if geometry is None else geometry.reference_header()
     if geometry is None:
         scale = np.asarray(attributes.get("scale", (1.0, 1.0, 1.0)), dtype=float)[-3:]
         affine = np.diag([*scale, 1.0])
@@ -97,7 +99,7 @@ def write_labels(path: str, data: np.ndarray, attributes: dict) -> list[str]:
         path = f"{path}.nii.gz"
     values_max = int(stored.max()) if stored.size else 0
     dtype = np.uint8 if values_max <= 255 else np.int32
-    return [str(write_nifti(path, stored.astype(dtype), affine, overwrite=True, mask=True))]
+    return [str(write_nifti(path, stored.astype(dtype), affine, reference, overwrite=True, mask=True))]
 
 
 # --------------------------------------------------------------------------- sample data

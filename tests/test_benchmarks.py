@@ -115,3 +115,21 @@ def test_a_stray_click_lands_in_the_body_off_the_organ_3_to_6_slices_from_the_pa
         assert click.sum() == 5 and not (click & truth).any() and (phantom.image[click] > -500).all()
         np.testing.assert_array_equal(click, accuracy.stray_click(phantom.image, truth, 2, z, 1, seed))
     assert accuracy.stray_click(phantom.image, truth[..., z:z + 1].repeat(3, axis=2), 2, 1, 1, 0).sum() == 0
+
+
+def test_a_header_without_codes_gives_the_affine_nibabel_reads_from_such_a_file(tmp_path):
+    """``accuracy.py --header no-orientation`` simulates exactly what a reader finds in a file
+    whose qform and sform codes are 0: the voxel sizes kept, the orientation nibabel's guess."""
+    import nibabel as nib
+    from accuracy import header_as
+
+    affine = np.array([[0.0, 0.9, 0.0, 10.0], [-0.8, 0.0, 0.0, 20.0], [0.0, 0.0, 3.0, -5.0], [0, 0, 0, 1]])
+    shape = (12, 10, 7)
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_zooms((0.8, 0.9, 3.0))
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), None, header), tmp_path / "no_codes.nii")
+    np.testing.assert_allclose(header_as("no-orientation", affine, shape), nib.load(tmp_path / "no_codes.nii").affine)
+    assert nib.aff2axcodes(header_as("no-orientation", affine, shape)) == ("L", "A", "S")
+    np.testing.assert_array_equal(header_as("identity", affine, shape), np.eye(4))
+    np.testing.assert_array_equal(header_as("kept", affine, shape), affine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -94,6 +95,41 @@ def test_a_scan_without_voxel_size_or_orientation_is_said_to_be_read_as_1_mm(pha
     assert _plain_warning(message, UserWarning, "f.py", 1) == f"densemp-segment: warning: {message}\n"
     assert warnings.formatwarning is not _plain_warning  # the process's own again after main returned
     np.testing.assert_array_equal(read_nifti(tmp_path / "out.nii.gz").affine, np.eye(4))
+
+
+def test_a_header_without_orientation_is_named_and_its_mask_keeps_that_header(phantom, tmp_path):
+    """qform and sform codes 0 (ANALYZE-era and MATLAB tools): the run warns that the orientation
+    is a guess, and that a voxel size stored as 0 is read as 1 mm; the mask keeps codes 0 and the
+    voxel sizes, so every reader places it where it places the scan (readers differ on such a
+    header: nibabel centres it, the NIfTI standard does not), not a sform of nibabel's guess."""
+    painted, _ = paint_largest(phantom.label, RIGHT_KIDNEY)
+
+    def without_codes(name: str, data: np.ndarray, zooms: tuple[float, float, float]):
+        header = nib.Nifti1Header()
+        header.set_data_shape(data.shape)
+        header.set_zooms((*zooms[:2], zooms[2] or 1.0))
+        nib.save(nib.Nifti1Image(data, None, header), tmp_path / name)
+        if zooms[2] == 0:  # nibabel writes no 0; such files hold one: pixdim[3] is at byte 88
+            raw = bytearray((tmp_path / name).read_bytes())
+            raw[88:92] = struct.pack("<f", 0.0)
+            (tmp_path / name).write_bytes(bytes(raw))
+        return tmp_path / name
+
+    for zooms in (phantom.spacing, (*phantom.spacing[:2], 0.0)):
+        image = without_codes("analyze.nii", phantom.image.astype(np.int16), zooms)
+        mask = without_codes("analyze_painted.nii", painted, zooms)
+        out = tmp_path / f"out_{zooms[2]:g}.nii.gz"
+        with pytest.warns(UserWarning, match="records no orientation") as warned:
+            assert main([str(image), str(mask), "-o", str(out)]) == 0
+        [message] = [str(w.message) for w in warned if "orientation" in str(w.message)]
+        assert message.startswith(f"{image} records no orientation (its qform and sform codes are 0")
+        assert message.endswith("along axis 2: taken as 1 mm; if it is not, set it in the header (pixdim).") == (
+            zooms[2] == 0)
+        written, scan = nib.load(str(out)), nib.load(str(image))
+        assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (0, 0)
+        np.testing.assert_allclose(written.header["pixdim"][1:4], scan.header.get_zooms())
+        np.testing.assert_allclose(written.affine, scan.affine)
+        assert written.shape == scan.shape and int(np.asarray(written.dataobj).sum()) > 0
 
 
 def test_a_painting_saved_in_another_orientation_is_turned_onto_the_scan(files, phantom, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -66,6 +68,33 @@ def test_nifti_reader_writer_round_trip_keeps_affine_and_grid(tmp_path):
     # the saved mask is itself read back as a labels layer on the same display grid
     [(again, _, kind)] = get_reader(out)(out)
     assert kind == "labels" and np.array_equal(again, mask)
+
+
+def test_a_mask_saved_from_napari_keeps_the_scans_codes(tmp_path):
+    """The writer keeps the scan's qform and sform codes: a scanner's (1, 4), and an ANALYZE-era
+    header's (0, 0) with its voxel sizes, so other viewers place the mask where they place the
+    scan (before, it got a sform of nibabel's guess, which a viewer that follows the standard
+    places elsewhere)."""
+    data = np.random.default_rng(2).normal(0, 1, (12, 10, 6)).astype(np.float32)
+    scanner = nib.Nifti1Image(data, _oblique_affine())
+    scanner.set_qform(_oblique_affine(), code=1)
+    scanner.set_sform(_oblique_affine(), code=4)
+    nib.save(scanner, tmp_path / "scanner.nii.gz")
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_zooms((0.7, 0.9, 4.0))
+    nib.save(nib.Nifti1Image(data, None, header), tmp_path / "analyze.nii")
+    for name, codes in [("scanner.nii.gz", (1, 4)), ("analyze.nii", (0, 0))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the ANALYZE header's missing orientation is named (test_cli)
+            [(shown, kwargs, _)] = get_reader(str(tmp_path / name))(str(tmp_path / name))
+        painted = (shown > 1).astype(np.uint8)
+        [out] = write_labels(str(tmp_path / f"mask_{name}"), painted, {"metadata": kwargs["metadata"], "name": "m"})
+        saved, scan = nib.load(out), nib.load(str(tmp_path / name))
+        assert (int(saved.header["qform_code"]), int(saved.header["sform_code"])) == codes
+        np.testing.assert_allclose(saved.header.get_zooms(), scan.header.get_zooms(), rtol=1e-6)
+        np.testing.assert_allclose(saved.affine, scan.affine, atol=1e-5)
+        assert np.array_equal(np.asarray(saved.dataobj), Geometry.from_metadata(kwargs["metadata"]).stored(painted))
 
 
 def test_reader_declines_other_files_and_names_bad_ones(tmp_path):
