@@ -188,6 +188,15 @@ def header_as(header: str, affine: np.ndarray, shape: tuple[int, ...]) -> np.nda
     return affine
 
 
+def outside_field_of_view(shape: tuple[int, int, int], axial: int) -> np.ndarray:
+    """Voxels outside the circle inscribed in each axial slice: what a CT scanner did not
+    reconstruct, and stores as a padding value (GE: -2000 as stored; Siemens: -3024 HU)."""
+    rows, cols = (n for a, n in enumerate(shape) if a != axial)
+    r, c = np.ogrid[:rows, :cols]
+    outside = (r - (rows - 1) / 2) ** 2 / (rows / 2) ** 2 + (c - (cols - 1) / 2) ** 2 / (cols / 2) ** 2 > 1
+    return np.expand_dims(outside, axial)
+
+
 def resliced(volume: np.ndarray, label: np.ndarray, affine: np.ndarray, slice_mm: float):
     """Scan, label and affine re-sliced along the axial axis to ``slice_mm`` thick slices.
 
@@ -234,7 +243,7 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
                      organs: list[int] | None = None, view: str = "stored", plane: str = "axial",
                      slice_mm: float | None = None, as_stored: bool = False, modality: str = "auto",
                      at: float | None = None, bias: float = 0.0, stray_radius: int | None = None,
-                     header: str = "kept"):
+                     header: str = "kept", fov_padding: float | None = None):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
     range, seconds), painting the organ's ``plane`` slice of largest area and scoring the whole
     volume, with the scans stored as ``view`` says (see VIEWS). ``as_stored`` gives the engine
@@ -242,13 +251,17 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
     ``bias`` multiplies MRIs by a smooth field of that strength (see ``bias_field``);
     ``stray_radius`` leaves a click of that radius on another slice (see ``stray_click``);
     ``header`` gives the engine the affine of a header that lost part of the geometry (see
-    ``header_as``)."""
+    ``header_as``); ``fov_padding`` fills a CT's voxels outside the scanner's field of view with
+    that value (see ``outside_field_of_view``), in the intensities the engine is given."""
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
             print(f"{record.name}: no label file, skipped", file=sys.stderr)
             continue
         volume = scan.volume + np.float32(record.hu_offset) if as_stored else scan.volume
+        if fov_padding is not None and detect_modality(scan.volume) == "ct":
+            outside = outside_field_of_view(volume.shape, plane_axis(scan.affine, "axial"))
+            volume = np.where(outside, np.float32(fov_padding), volume)
         if bias and detect_modality(scan.volume) == "mri":  # in HU: a CT stays a CT with --as-stored
             volume = volume * bias_field(volume.shape, bias, zlib.crc32(record.name.encode()))
         volume, label, affine = stored_as(view, volume, scan.label, scan.affine)
@@ -314,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--header", default="kept", choices=HEADERS,
                         help="read every scan as a header that lost its geometry would give it: identity "
                              "(numpy-made: 1 mm cubes), no-orientation (qform and sform codes 0)")
+    parser.add_argument("--fov-padding", type=float, metavar="VALUE",
+                        help="fill each CT's voxels outside the scanner's circular field of view with VALUE "
+                             "(-2000 as GE stores it, -3024 HU as Siemens)")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -328,14 +344,15 @@ def main(argv: list[str] | None = None) -> int:
         scores = in_volume_scores(select_scans(args.data, args.phantoms, args.split, args.limit, args.first_seed,
                                                args.scans),
                                   model, options, args.organs, args.view, args.plane, args.slice_mm, args.as_stored,
-                                  args.modality, args.paint_at, args.bias_field, args.stray_click, args.header)
+                                  args.modality, args.paint_at, args.bias_field, args.stray_click, args.header,
+                                  args.fov_padding)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
           f"plane {args.plane}; slices {args.slice_mm or 'stored'} mm; "
           f"intensities {'as stored' if args.as_stored else 'in HU'}, modality {args.modality}; "
           f"painted {'largest slice' if args.paint_at is None else f'at {args.paint_at} of the extent'}; "
           f"MRI bias field {args.bias_field or 'none'}; stray click {args.stray_click or 'none'}; "
-          f"header {args.header}; "
+          f"header {args.header}; field-of-view padding {args.fov_padding or 'none'}; "
           f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []
