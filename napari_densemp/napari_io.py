@@ -56,8 +56,11 @@ def layer_from_array(data: np.ndarray, affine: np.ndarray, name: str, source: st
     kwargs = {"name": name, "scale": geometry.display_spacing, "metadata": metadata}
     if _is_label_map(display):
         return display.astype(np.int32 if display.max() > 255 else np.uint8), kwargs, "labels"
-    if float(np.percentile(display[:: max(1, len(display) // 16)], 1.0)) < -500:  # CT in HU
-        kwargs["contrast_limits"] = CT_DISPLAY_WINDOW
+    if float(np.percentile(display[:: max(1, len(display) // 16)], 1.0)) < -500:  # CT in HU, or padded HU + 1024
+        from .preprocessing import stored_hu_offset  # here: opening an MRI need not import torch
+
+        offset = stored_hu_offset(display)
+        kwargs["contrast_limits"] = (CT_DISPLAY_WINDOW[0] + offset, CT_DISPLAY_WINDOW[1] + offset)
     return display, {**kwargs, "colormap": "gray"}, "image"
 
 

@@ -22,6 +22,7 @@ AIR_HU = -500.0  # anything below is air: tells the body from its surroundings o
 # magnitudes are not negative, z-scored ones stay within a few units of 0).
 CT_BELOW_HU = -50.0
 HU_STORAGE_OFFSET = 1024.0  # CTs stored unsigned hold HU + 1024
+BELOW_ANY_AIR = -1100.0  # in HU or HU + 1024 only a scanner's padding lies lower
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,13 @@ def stored_hu_offset(volume: np.ndarray) -> float:
     the voxels, and 3 times as many as at 300-800, where little lies (lung). A scan in HU cropped
     inside the body has soft tissue at about 0 too, but what it has at 824-1224 is cortical bone,
     with more trabecular bone below it. Only asked of scans known to be CT: a 12-bit MRI can
-    look the same.
+    look the same. Values below any air, which scanners store outside their circular field of
+    view (GE: -2000 as stored; -3024 HU), are left out: they are no air, and a fifth of a slice.
     """
     sample = np.asarray(volume[:: max(1, volume.shape[0] // 16)], dtype=np.float32)
+    sample = sample[sample >= BELOW_ANY_AIR]
+    if sample.size == 0:
+        return 0.0
     air = float(np.percentile(sample, 1.0))
     tissue = float(((sample >= HU_STORAGE_OFFSET - 200.0) & (sample <= HU_STORAGE_OFFSET + 200.0)).mean())
     between = float(((sample >= 300.0) & (sample < HU_STORAGE_OFFSET - 224.0)).mean())

@@ -10,7 +10,7 @@ import pytest
 
 from napari_densemp.errors import DenseMPError
 from napari_densemp.io import DISPLAY_AXCODES, METADATA_KEY, Geometry, read_nifti, write_nifti
-from napari_densemp.napari_io import get_reader, mni152_sample, phantom_ct_sample, write_labels
+from napari_densemp.napari_io import get_reader, layer_from_array, mni152_sample, phantom_ct_sample, write_labels
 from src_data.phantoms import LIVER
 
 
@@ -95,6 +95,19 @@ def test_a_mask_saved_from_napari_keeps_the_scans_codes(tmp_path):
         np.testing.assert_allclose(saved.header.get_zooms(), scan.header.get_zooms(), rtol=1e-6)
         np.testing.assert_allclose(saved.affine, scan.affine, atol=1e-5)
         assert np.array_equal(np.asarray(saved.dataobj), Geometry.from_metadata(kwargs["metadata"]).stored(painted))
+
+
+def test_a_ct_is_shown_in_a_soft_tissue_window_however_it_is_stored(ct_phantom):
+    """In HU, and stored as HU + 1024 with padding outside the field of view (GE's -2000), the
+    soft-tissue window lands on the same tissue (before, the stored scan was shown all white)."""
+    hu = np.rint(ct_phantom.image)
+    rows, cols = np.ogrid[:hu.shape[0], :hu.shape[1]]
+    outside = (np.hypot(rows - hu.shape[0] / 2, cols - hu.shape[1] / 2) > min(hu.shape[:2]) / 2)[..., None]
+    shown = {}
+    for name, volume in [("hu", np.where(outside, -3024.0, hu)), ("stored", np.where(outside, -2000.0, hu + 1024))]:
+        _, kwargs, _ = layer_from_array(volume.astype(np.float32), ct_phantom.affine, name)
+        shown[name] = kwargs["contrast_limits"]
+    assert shown == {"hu": (-160.0, 240.0), "stored": (864.0, 1264.0)}
 
 
 def test_reader_declines_other_files_and_names_bad_ones(tmp_path):

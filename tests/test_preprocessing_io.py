@@ -80,6 +80,25 @@ def test_a_ct_stored_as_hu_plus_1024_is_windowed_as_hu(ct_phantom, mri_phantom):
                               window_intensities(hu, "ct", profile))
 
 
+
+def test_padding_outside_a_cts_field_of_view_is_no_air(ct_phantom):
+    """Scanners store what lies outside their circular field of view as padding (GE: -2000 as
+    stored; Siemens: -3024 HU). A CT stored as HU + 1024 with such padding is still found
+    shifted and windowed as its HU (before, the padding read as air in HU: the whole scan was
+    windowed 1024 HU too high); a CT in HU with any padding is not shifted."""
+    profile = PreprocessingProfile()
+    hu = np.rint(ct_phantom.image)
+    rows, cols = np.ogrid[:hu.shape[0], :hu.shape[1]]
+    outside = (np.hypot(rows - hu.shape[0] / 2, cols - hu.shape[1] / 2) > min(hu.shape[:2]) / 2)[..., None]
+    assert outside.mean() > 0.2
+    for padding in (-2000.0, -3024.0, -32768.0):
+        assert stored_hu_offset(np.where(outside, padding, hu + 1024)) == 1024
+        assert stored_hu_offset(np.where(outside, padding, hu)) == 0
+    np.testing.assert_array_equal(window_intensities(np.where(outside, -2000.0, hu + 1024), "ct", profile),
+                                  window_intensities(np.where(outside, -3024.0, hu), "ct", profile))
+    assert stored_hu_offset(np.full((4, 4, 4), -2000.0)) == 0  # nothing but padding: nothing to tell
+
+
 def test_grid_size_follows_training_spacing_within_bounds():
     profile = PreprocessingProfile(in_plane_spacing_mm=1.25, max_in_plane_size=512, min_in_plane_size=64)
     assert model_grid_size((512, 512), (0.7, 0.7), profile) == (287, 287)
