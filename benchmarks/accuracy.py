@@ -14,6 +14,8 @@ two baselines: the painted mask copied to every slice, and copied onto the true 
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split held-out --bias-field 0.3
     python benchmarks/accuracy.py --data ../shared/data/chaos_t2 --split seen --stray-click 1
     python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split seen --header no-orientation
+    python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split seen --as-stored --fov-padding -2000
+    python benchmarks/accuracy.py --data ../shared/data/openkbp_hn_ct --split seen --pixel-mm 1.3 --paint-margin 2
 
 ``--plane coronal`` (or sagittal) paints and walks that plane's slices instead of the axial ones,
 as a user painting on a coronal view does; ``--plane axial+coronal`` paints the largest slice of
@@ -48,6 +50,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from napari_densemp.engine import FeatureCache, PropagationOptions, load_model, parse_rules, plane_axis, propagate
 from napari_densemp.preprocessing import detect_modality
@@ -108,20 +111,23 @@ def copy_baselines(truth: np.ndarray, z: int, axis: int = 2) -> tuple[float, flo
 
 def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, model, options: PropagationOptions,
                     cache: FeatureCache, plane: str = "axial", modality: str = "auto",
-                    at: float | None = None, stray: tuple[int, int] | None = None,
+                    at: float | None = None, stray: tuple[int, int] | None = None, margin_mm: float = 0.0,
                     ) -> tuple[float, float, float, str, str, float]:
     """Paint ``truth``'s ``plane`` slice of largest area, propagate across that plane, and score
     the whole volume: (Dice, copy-all Dice, copy-z Dice, range found, true range, seconds).
     Planes joined by "+" (axial+coronal) paint the largest slice of each, as one painting;
-    ``stray`` (radius, seed) adds a click left on another slice (see ``stray_click``)."""
+    ``stray`` (radius, seed) adds a click left on another slice (see ``stray_click``);
+    ``margin_mm`` paints past (> 0) or short of (< 0) the edge (see ``rough_painting``)."""
     first, *more = plane.split("+")
     axis = plane_axis(affine, first)
     painted, z = paint_largest_slice(truth, axis, at)
     for other in more:
         painted |= paint_largest_slice(truth, plane_axis(affine, other), at)[0]
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    if margin_mm:
+        painted = rough_painting(painted, axis, spacing, margin_mm)
     if stray is not None:
         painted |= stray_click(volume, truth, axis, z, *stray)
-    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     start = time.perf_counter()
     result = propagate(volume, painted.astype(np.uint8), model, spacing=spacing, axis=axis, options=options,
                        cache=cache, affine=affine, modality=modality)
@@ -130,6 +136,26 @@ def score_structure(volume: np.ndarray, affine: np.ndarray, truth: np.ndarray, m
     all_copy, z_copy = copy_baselines(truth, z, axis)
     found = f"{result.slice_range[0]}-{result.slice_range[1]}" if result.slice_range else "-"
     return dice(result.mask, truth), all_copy, z_copy, found, f"{zs[0]}-{zs[-1]}", seconds
+
+
+def rough_painting(painted: np.ndarray, axis: int, spacing: tuple[float, float, float],
+                   margin_mm: float) -> np.ndarray:
+    """Each painted slice grown (``margin_mm`` > 0) or shrunk (< 0) by that distance in its plane,
+    as a quick brush paints past or short of the edge. Shrinking keeps at least the slice's
+    innermost pixels, so a small structure stays painted."""
+    out = np.zeros_like(painted)
+    pixel_mm = [s for a, s in enumerate(spacing) if a != axis]
+    for k in np.flatnonzero(painted.any(axis=tuple(a for a in range(3) if a != axis))):
+        layer = np.take(painted, k, axis=axis).astype(bool)
+        if margin_mm > 0:
+            grown = ndimage.distance_transform_edt(~layer, sampling=pixel_mm) <= margin_mm
+        else:
+            depth = ndimage.distance_transform_edt(layer, sampling=pixel_mm)
+            grown = depth > min(-margin_mm, depth.max() - 1e-6)
+        index = [slice(None)] * 3
+        index[axis] = k
+        out[tuple(index)] = grown
+    return out
 
 
 def stray_click(volume: np.ndarray, truth: np.ndarray, axis: int, z: int, radius: int, seed: int) -> np.ndarray:
@@ -226,6 +252,21 @@ def resliced(volume: np.ndarray, label: np.ndarray, affine: np.ndarray, slice_mm
     return *(np.ascontiguousarray(a) for a in moved), affine @ scale
 
 
+def resampled_in_plane(volume: np.ndarray, label: np.ndarray, affine: np.ndarray, pixel_mm: float):
+    """Scan, label and affine re-sampled in the axial plane to ``pixel_mm`` pixels (the scan
+    linearly, the label from the nearest pixel), as a scanner reconstructing on a finer or coarser
+    matrix would; the first and last pixels keep their world positions."""
+    axial = plane_axis(affine, "axial")
+    factors = [1.0 if a == axial else float(np.linalg.norm(affine[:3, a])) / pixel_mm for a in range(3)]
+    scan = ndimage.zoom(volume.astype(np.float32), factors, order=1)
+    labels = ndimage.zoom(label, factors, order=0)
+    scale = np.eye(4)
+    for a in range(3):
+        if a != axial:
+            scale[a, a] = (volume.shape[a] - 1) / (scan.shape[a] - 1)
+    return scan, labels, affine @ scale
+
+
 def bias_field(shape: tuple[int, int, int], strength: float, seed: int) -> np.ndarray:
     """A smooth multiplicative field exp(strength * p), p a random cubic polynomial in the voxel
     coordinates (each scaled to [-1, 1]) normalised to span [-1, 1] over the volume."""
@@ -243,7 +284,8 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
                      organs: list[int] | None = None, view: str = "stored", plane: str = "axial",
                      slice_mm: float | None = None, as_stored: bool = False, modality: str = "auto",
                      at: float | None = None, bias: float = 0.0, stray_radius: int | None = None,
-                     header: str = "kept", fov_padding: float | None = None):
+                     header: str = "kept", fov_padding: float | None = None, margin_mm: float = 0.0,
+                     pixel_mm: float | None = None):
     """Per scan and organ: (scan, organ, Dice, copy-all Dice, copy-z Dice, range found, true
     range, seconds), painting the organ's ``plane`` slice of largest area and scoring the whole
     volume, with the scans stored as ``view`` says (see VIEWS). ``as_stored`` gives the engine
@@ -252,7 +294,9 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
     ``stray_radius`` leaves a click of that radius on another slice (see ``stray_click``);
     ``header`` gives the engine the affine of a header that lost part of the geometry (see
     ``header_as``); ``fov_padding`` fills a CT's voxels outside the scanner's field of view with
-    that value (see ``outside_field_of_view``), in the intensities the engine is given."""
+    that value (see ``outside_field_of_view``), in the intensities the engine is given;
+    ``margin_mm`` paints past or short of the organ's edge (see ``rough_painting``); ``pixel_mm``
+    re-samples each scan in its axial plane first (see ``resampled_in_plane``)."""
     for record in records:
         scan = load_scan(record)
         if scan.label is None:
@@ -267,6 +311,8 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
         volume, label, affine = stored_as(view, volume, scan.label, scan.affine)
         if slice_mm:
             volume, label, affine = resliced(volume, label, affine, slice_mm)
+        if pixel_mm:
+            volume, label, affine = resampled_in_plane(volume, label, affine, pixel_mm)
         affine = header_as(header, affine, volume.shape)
         cache = FeatureCache(max_volumes=2)  # two planes painted: each axis once
         for organ in organs or [int(v) for v in np.unique(label) if v]:
@@ -274,7 +320,7 @@ def in_volume_scores(records: list[ScanRecord], model, options: PropagationOptio
             if truth.any():
                 stray = None if stray_radius is None else (stray_radius, zlib.crc32(f"{record.name}-{organ}".encode()))
                 yield (record.name, organ, *score_structure(volume, affine, truth, model, options, cache, plane,
-                                                            modality, at, stray))
+                                                            modality, at, stray, margin_mm))
 
 
 def mni152_scores(model, options: PropagationOptions, plane: str = "axial"):
@@ -330,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fov-padding", type=float, metavar="VALUE",
                         help="fill each CT's voxels outside the scanner's circular field of view with VALUE "
                              "(-2000 as GE stores it, -3024 HU as Siemens)")
+    parser.add_argument("--pixel-mm", type=float,
+                        help="re-sample every scan in its axial plane to this pixel size (mm) first")
+    parser.add_argument("--paint-margin", type=float, default=0.0, metavar="MM",
+                        help="paint past (MM > 0) or short of (MM < 0) the organ's edge by MM, as a quick brush")
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
@@ -345,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                                                args.scans),
                                   model, options, args.organs, args.view, args.plane, args.slice_mm, args.as_stored,
                                   args.modality, args.paint_at, args.bias_field, args.stray_click, args.header,
-                                  args.fov_padding)
+                                  args.fov_padding, args.paint_margin, args.pixel_mm)
     names = ORGAN_NAMES if args.phantoms else {}
     print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
           f"plane {args.plane}; slices {args.slice_mm or 'stored'} mm; "
@@ -353,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
           f"painted {'largest slice' if args.paint_at is None else f'at {args.paint_at} of the extent'}; "
           f"MRI bias field {args.bias_field or 'none'}; stray click {args.stray_click or 'none'}; "
           f"header {args.header}; field-of-view padding {args.fov_padding or 'none'}; "
+          f"painting margin {args.paint_margin:g} mm; pixels {args.pixel_mm or 'stored'} mm; "
           f"options {options}")
     print(f"{'scan':<22}{'organ':>6}{'dice':>8}{'copy-all':>10}{'copy-z':>8}{'range':>12}{'truth':>12}{'s':>7}")
     rows = []

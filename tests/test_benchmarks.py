@@ -133,3 +133,38 @@ def test_a_header_without_codes_gives_the_affine_nibabel_reads_from_such_a_file(
     assert nib.aff2axcodes(header_as("no-orientation", affine, shape)) == ("L", "A", "S")
     np.testing.assert_array_equal(header_as("identity", affine, shape), np.eye(4))
     np.testing.assert_array_equal(header_as("kept", affine, shape), affine)
+
+
+def test_a_rough_painting_grows_or_shrinks_each_painted_slice_by_millimetres():
+    """``accuracy.py --paint-margin``: past the edge by 2 mm on 0.5 x 1 mm pixels is 4 pixels one
+    way and 2 the other, on the painted slice only; short of it keeps at least the innermost pixels."""
+    from accuracy import rough_painting
+
+    painted = np.zeros((40, 30, 5), bool)
+    painted[10:20, 10:16, 2] = True
+    grown = rough_painting(painted, 2, (0.5, 1.0, 3.0), 2.0)
+    assert grown[..., [0, 1, 3, 4]].sum() == 0
+    rows, cols = np.flatnonzero(grown[..., 2].any(axis=1)), np.flatnonzero(grown[..., 2].any(axis=0))
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (6, 23, 8, 17)
+    shrunk = rough_painting(painted, 2, (0.5, 1.0, 3.0), -1.0)
+    assert shrunk[..., 2].sum() == (10 - 4) * (6 - 2)
+    assert rough_painting(painted, 2, (0.5, 1.0, 3.0), -50.0)[..., 2].sum() > 0
+
+
+def test_resampling_in_plane_keeps_the_first_and_last_pixels_where_they_are():
+    """``accuracy.py --pixel-mm``: 3.9 mm pixels re-sampled to about 1.3 mm; the slices and the
+    corner pixels keep their world positions, and the label keeps its values."""
+    from accuracy import resampled_in_plane
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 1, (10, 8, 4)).astype(np.float32)
+    label = rng.integers(0, 3, (10, 8, 4)).astype(np.uint8)
+    affine = np.diag([3.9, 3.9, 2.5, 1.0])
+    affine[:3, 3] = [5.0, 6.0, 7.0]
+    scan, labels, moved = resampled_in_plane(volume, label, affine, 1.3)
+    assert scan.shape == labels.shape == (30, 24, 4)
+    for old, new in [((0, 0, 0), (0, 0, 0)), ((9, 7, 3), (29, 23, 3))]:
+        np.testing.assert_allclose(affine @ [*old, 1], moved @ [*new, 1])
+        assert labels[new] == label[old]
+    assert set(np.unique(labels)) == set(np.unique(label))
+    assert 1.15 < moved[0, 0] < 1.35 and moved[2, 2] == 2.5
