@@ -25,9 +25,13 @@ class Scan:
     path: Path | None = None
 
     @property
-    def codes(self) -> tuple[int, int] | None:
-        """The NIfTI qform and sform codes (None for DICOM): masks written for the scan keep them."""
-        return None if self.header is None else (int(self.header["qform_code"]), int(self.header["sform_code"]))
+    def forms(self) -> dict | None:
+        """The NIfTI qform and sform with their codes, as plain lists (None for DICOM): masks
+        written for the scan keep them, so every viewer places a mask where it places the scan."""
+        if self.header is None:
+            return None
+        return {"qform_code": int(self.header["qform_code"]), "sform_code": int(self.header["sform_code"]),
+                "qform": self.header.get_qform().tolist(), "sform": self.header.get_sform().tolist()}
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -67,22 +71,36 @@ def mask_on_scan_grid(mask: Scan, scan: Scan, mask_name: str = "painted mask",
     """The mask's 3D array on the scan's voxel grid, or an error naming how they differ.
 
     A mask saved by a tool that reorders or flips the axes (to RAS, say) covers the same
-    voxels in another order: it is turned back, losslessly. Any other grid is refused, never
+    voxels in another order: it is turned back, losslessly. A scan whose sform and qform place
+    its voxels differently (a registered scan keeps the scanner's placement in its qform) is
+    matched by either, since tools differ in which they read. Any other grid is refused, never
     resampled, so no painted voxel moves."""
     data = as_3d(mask.data, mask.path, mask_name)
     shape = np.shape(scan.data)[:3]
-    if data.shape == shape and _same_affine(mask.affine, scan.affine):
+    pairs = [(a, b) for a in _placements(mask) for b in _placements(scan)]
+    if data.shape == shape and any(_same_affine(a, b) for a, b in pairs):
         return data
-    turn = nib.orientations.ornt_transform(nib.orientations.io_orientation(mask.affine),
-                                           nib.orientations.io_orientation(scan.affine))
-    turned_affine = mask.affine @ nib.orientations.inv_ornt_aff(turn, data.shape)
-    turned = nib.orientations.apply_orientation(data, turn)
-    if turned.shape == shape and _same_affine(turned_affine, scan.affine):
-        return np.ascontiguousarray(turned)
+    for mask_affine, scan_affine in pairs:
+        turn = nib.orientations.ornt_transform(nib.orientations.io_orientation(mask_affine),
+                                               nib.orientations.io_orientation(scan_affine))
+        turned_affine = mask_affine @ nib.orientations.inv_ornt_aff(turn, data.shape)
+        turned = nib.orientations.apply_orientation(data, turn)
+        if turned.shape == shape and _same_affine(turned_affine, scan_affine):
+            return np.ascontiguousarray(turned)
     if data.shape != shape and turned.shape != shape:
         raise DenseMPError(f"The {mask_name}'s shape {data.shape} differs from the {scan_name}'s {shape}.")
     raise DenseMPError(f"The {mask_name}'s affine differs from the {scan_name}'s: they do not lie on the same "
                        f"voxel grid. Resample the mask onto the {scan_name} first.")
+
+
+def _placements(scan: Scan) -> list[np.ndarray]:
+    """The affines a file records for its voxels: the one read, then its qform and sform when set."""
+    found = [scan.affine]
+    if scan.header is not None:
+        for code, affine in (("qform_code", scan.header.get_qform), ("sform_code", scan.header.get_sform)):
+            if int(scan.header[code]) > 0 and not any(_same_affine(affine(), f) for f in found):
+                found.append(affine())
+    return found
 
 
 def _same_affine(a: np.ndarray, b: np.ndarray) -> bool:
@@ -160,13 +178,18 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     image = nib.Nifti1Image(data, affine, header=header)
     image.set_data_dtype(data.dtype)
     if reference is not None:
-        # The scan's own codes, so that every reader places the mask where it places the scan
-        # (readers differ on a header without codes: nibabel centres it, the NIfTI standard does not)
+        # On the reference's grid, its own qform and sform with their codes: readers differ in
+        # which they follow (ITK-based ones may take the qform; on a header without codes nibabel
+        # centres the grid and the NIfTI standard does not), and each must place the mask where
+        # it places the scan. On another grid, ``affine`` in both.
         qform_code, sform_code = int(reference["qform_code"]), int(reference["sform_code"])
-        if qform_code == sform_code == 0 and not np.allclose(image.header.get_base_affine(), affine):
-            sform_code = 1  # another grid than the reference's: only codes record it
-        image.set_qform(affine, code=qform_code)
-        image.set_sform(affine, code=sform_code)
+        on_grid = _same_affine(reference.get_best_affine(), affine)
+        qform = reference.get_qform() if qform_code and on_grid else affine
+        sform = reference.get_sform() if sform_code and on_grid else affine
+        if not on_grid and qform_code == sform_code == 0:
+            sform_code = 1  # only codes record another grid
+        image.set_qform(qform, code=qform_code)
+        image.set_sform(sform, code=sform_code)
     image.header.set_slope_inter(1.0, 0.0)
     if mask:
         image.header["cal_min"] = image.header["cal_max"] = 0
@@ -195,14 +218,14 @@ class Geometry:
     affine: np.ndarray  # stored voxel -> world (RAS mm)
     stored_shape: tuple[int, int, int]
     to_display: np.ndarray  # nibabel orientation transform, stored -> display axes
-    codes: tuple[int, int] | None = None  # the NIfTI scan's qform and sform codes, which its masks keep
+    forms: dict | None = None  # the NIfTI scan's qform and sform with their codes (Scan.forms)
 
     @classmethod
-    def for_scan(cls, affine: np.ndarray, shape: tuple[int, ...], codes: tuple[int, int] | None = None) -> Geometry:
+    def for_scan(cls, affine: np.ndarray, shape: tuple[int, ...], forms: dict | None = None) -> Geometry:
         start = nib.orientations.io_orientation(affine)
         target = nib.orientations.axcodes2ornt(DISPLAY_AXCODES)
         return cls(np.asarray(affine, dtype=np.float64), tuple(int(n) for n in shape[:3]),
-                   nib.orientations.ornt_transform(start, target), codes)
+                   nib.orientations.ornt_transform(start, target), forms)
 
     @property
     def stored_spacing(self) -> tuple[float, float, float]:
@@ -256,23 +279,27 @@ class Geometry:
     def to_metadata(self) -> dict:
         """Plain lists, so the layer's metadata survives napari's copying and saving."""
         return {"affine": self.affine.tolist(), "stored_shape": list(self.stored_shape),
-                "to_display": self.to_display.tolist(), "codes": None if self.codes is None else list(self.codes)}
+                "to_display": self.to_display.tolist(), "forms": self.forms}
 
     @classmethod
     def from_metadata(cls, metadata: dict | None) -> Geometry | None:
         entry = (metadata or {}).get(METADATA_KEY)
         if not entry:
             return None
-        codes = entry.get("codes")
         return cls(np.asarray(entry["affine"], dtype=np.float64), tuple(entry["stored_shape"]),
-                   np.asarray(entry["to_display"], dtype=np.float64), None if codes is None else tuple(codes))
+                   np.asarray(entry["to_display"], dtype=np.float64), entry.get("forms"))
 
     def reference_header(self) -> nib.Nifti1Header | None:
-        """A header with the scan's codes, for :func:`write_nifti` (None: the scan was no NIfTI)."""
-        if self.codes is None:
+        """A header placing the scan's grid as its file did, for :func:`write_nifti` (None: the
+        scan was no NIfTI)."""
+        if self.forms is None:
             return None
         header = nib.Nifti1Header()
-        header["qform_code"], header["sform_code"] = self.codes
+        header.set_data_shape(self.stored_shape)
+        header.set_zooms(self.stored_spacing)  # what places the grid of a header without codes
+        for name, setter in (("qform", header.set_qform), ("sform", header.set_sform)):
+            if self.forms[f"{name}_code"]:
+                setter(np.asarray(self.forms[name]), code=self.forms[f"{name}_code"])
         return header
 
 

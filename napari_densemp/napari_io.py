@@ -45,12 +45,12 @@ def scan_layer(path: str | os.PathLike) -> LayerData:
     if scan.data.ndim != 3:
         raise DenseMPError(f"{path} holds a {scan.data.ndim}D array of shape {scan.data.shape}; "
                            f"napari-densemp reads 3D scans.")
-    return layer_from_array(scan.data, scan.affine, _name(Path(path)), str(path), scan.codes)
+    return layer_from_array(scan.data, scan.affine, _name(Path(path)), str(path), scan.forms)
 
 
 def layer_from_array(data: np.ndarray, affine: np.ndarray, name: str, source: str = "",
-                     codes: tuple[int, int] | None = None) -> LayerData:
-    geometry = Geometry.for_scan(affine, data.shape, codes)
+                     forms: dict | None = None) -> LayerData:
+    geometry = Geometry.for_scan(affine, data.shape, forms)
     display = np.ascontiguousarray(geometry.display(data))
     metadata = {METADATA_KEY: geometry.to_metadata(), "source": source}
     kwargs = {"name": name, "scale": geometry.display_spacing, "metadata": metadata}

@@ -157,6 +157,43 @@ def test_a_painting_saved_in_another_orientation_is_turned_onto_the_scan(files, 
         np.testing.assert_array_equal(Support.from_files(image, mask).mask, read_nifti(painted).data)
 
 
+def test_a_painting_saved_by_a_tool_that_reads_the_qform_lies_on_the_scan(files, phantom, tmp_path):
+    """A registered scan keeps the scanner's placement in its qform and the registered one in its
+    sform; a tool that reads the qform (as ITK-based viewers may) saves the painting with that one.
+    It is the scan's own voxel grid: the run and a folder's support take it as the painting saved
+    with the sform, voxel for voxel (before: refused, "affine differs"); the output keeps the
+    scan's sform, qform and codes. A mask of neither placement is still refused."""
+    from napari_densemp.batch import Support
+
+    _, image, painted, scanner = files
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]]
+    turn[:3, 3] = [12.0, -40.0, 7.5]
+    registered = turn @ scanner
+    scan = nib.Nifti1Image(np.asarray(nib.load(str(image)).dataobj), registered)
+    scan.set_sform(registered, code=2)
+    scan.set_qform(scanner, code=1)
+    nib.save(scan, tmp_path / "registered.nii.gz")
+    data = np.asarray(nib.load(str(painted)).dataobj)
+    on_sform = write_nifti(tmp_path / "painted_sform.nii.gz", data, registered)
+    by_itk = nib.Nifti1Image(data, scanner)  # qform and sform both the scanner's, as ITK writes them
+    by_itk.set_qform(scanner, code=1)
+    by_itk.set_sform(scanner, code=1)
+    nib.save(by_itk, tmp_path / "painted_qform.nii.gz")
+    registered_image = tmp_path / "registered.nii.gz"
+    outputs = [read_nifti(_segment(registered_image, mask, tmp_path / f"out_{k}.nii.gz"))
+               for k, mask in enumerate([on_sform, tmp_path / "painted_qform.nii.gz"])]
+    assert outputs[0].data.sum() > 1000
+    np.testing.assert_array_equal(outputs[1].data, outputs[0].data)
+    written = nib.load(str(tmp_path / "out_1.nii.gz"))
+    np.testing.assert_allclose(written.get_sform(), registered, atol=1e-4)
+    np.testing.assert_allclose(written.get_qform(), scanner, atol=1e-4)
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+    np.testing.assert_array_equal(Support.from_files(registered_image, tmp_path / "painted_qform.nii.gz").mask, data)
+    elsewhere = write_nifti(tmp_path / "painted_elsewhere.nii.gz", data, turn @ turn @ scanner)
+    assert main([str(registered_image), str(elsewhere), "-o", str(tmp_path / "out_2.nii.gz")]) == 2
+
+
 def _segment(image, mask, out):
     assert main([str(image), str(mask), "-o", str(out)]) == 0
     return out

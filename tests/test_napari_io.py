@@ -70,14 +70,17 @@ def test_nifti_reader_writer_round_trip_keeps_affine_and_grid(tmp_path):
     assert kind == "labels" and np.array_equal(again, mask)
 
 
-def test_a_mask_saved_from_napari_keeps_the_scans_codes(tmp_path):
-    """The writer keeps the scan's qform and sform codes: a scanner's (1, 4), and an ANALYZE-era
+def test_a_mask_saved_from_napari_keeps_the_scans_qform_sform_and_codes(tmp_path):
+    """The writer keeps the scan's qform and sform with their codes: a registered scan's (the
+    scanner's placement in the qform, code 1; another in the sform, code 4), and an ANALYZE-era
     header's (0, 0) with its voxel sizes, so other viewers place the mask where they place the
-    scan (before, it got a sform of nibabel's guess, which a viewer that follows the standard
-    places elsewhere)."""
+    scan (before, the qform was dropped, and a header without codes got a sform of nibabel's
+    guess, which a viewer that follows the standard places elsewhere)."""
     data = np.random.default_rng(2).normal(0, 1, (12, 10, 6)).astype(np.float32)
+    scanner_placement = _oblique_affine()
+    scanner_placement[:3, 3] += [30.0, -12.0, 4.0]
     scanner = nib.Nifti1Image(data, _oblique_affine())
-    scanner.set_qform(_oblique_affine(), code=1)
+    scanner.set_qform(scanner_placement, code=1)
     scanner.set_sform(_oblique_affine(), code=4)
     nib.save(scanner, tmp_path / "scanner.nii.gz")
     header = nib.Nifti1Header()
@@ -94,6 +97,8 @@ def test_a_mask_saved_from_napari_keeps_the_scans_codes(tmp_path):
         assert (int(saved.header["qform_code"]), int(saved.header["sform_code"])) == codes
         np.testing.assert_allclose(saved.header.get_zooms(), scan.header.get_zooms(), rtol=1e-6)
         np.testing.assert_allclose(saved.affine, scan.affine, atol=1e-5)
+        if codes[0]:  # the scanner's placement, not the sform's
+            np.testing.assert_allclose(saved.get_qform(), scan.get_qform(), atol=1e-5)
         assert np.array_equal(np.asarray(saved.dataobj), Geometry.from_metadata(kwargs["metadata"]).stored(painted))
 
 
