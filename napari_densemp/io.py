@@ -160,7 +160,7 @@ def _zero_voxel_axes(path: Path | None, header: nib.Nifti1Header) -> list[int]:
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                 reference: nib.Nifti1Header | None = None, overwrite: bool = False, mask: bool = False) -> Path:
-    """Write ``data`` with exactly ``affine`` (and the reference header's codes) atomically.
+    """Write ``data`` with exactly ``affine`` (and the reference header's qform and sform) atomically.
 
     Refuses to replace an existing file unless ``overwrite``: nothing a user saved is lost. A
     ``mask`` is marked as label values and drops the scan's display window (``cal_min`` /
