@@ -97,9 +97,10 @@ def _placements(scan: Scan) -> list[np.ndarray]:
     """The affines a file records for its voxels: the one read, then its qform and sform when set."""
     found = [scan.affine]
     if scan.header is not None:
-        for code, affine in (("qform_code", scan.header.get_qform), ("sform_code", scan.header.get_sform)):
-            if int(scan.header[code]) > 0 and not any(_same_affine(affine(), f) for f in found):
-                found.append(affine())
+        for code, form in (("qform_code", scan.header.get_qform), ("sform_code", scan.header.get_sform)):
+            placed = form() if int(scan.header[code]) > 0 else None
+            if placed is not None and not any(_same_affine(placed, f) for f in found):
+                found.append(placed)
     return found
 
 
