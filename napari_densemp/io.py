@@ -71,15 +71,18 @@ def mask_on_scan_grid(mask: Scan, scan: Scan, mask_name: str = "painted mask",
     """The mask's 3D array on the scan's voxel grid, or an error naming how they differ.
 
     A mask saved by a tool that reorders or flips the axes (to RAS, say) covers the same
-    voxels in another order: it is turned back, losslessly. A scan whose sform and qform place
-    its voxels differently (a registered scan keeps the scanner's placement in its qform) is
-    matched by either, since tools differ in which they read. Any other grid is refused, never
-    resampled, so no painted voxel moves."""
+    voxels in another order: it is turned back, losslessly. A mask saved on a part of the
+    scan's grid (a crop of it, as Slicer and ITK-SNAP save a region of interest) or on a larger
+    copy of it (a padded one) is placed where its voxels lie. A scan whose sform and qform
+    place its voxels differently (a registered scan keeps the scanner's placement in its
+    qform) is matched by either, since tools differ in which they read. Any other grid is
+    refused, never resampled, so no painted voxel moves."""
     data = as_3d(mask.data, mask.path, mask_name)
     shape = np.shape(scan.data)[:3]
     pairs = [(a, b) for a in _placements(mask) for b in _placements(scan)]
     if data.shape == shape and any(_same_affine(a, b) for a, b in pairs):
         return data
+    beyond = None  # a placement leaving painted voxels outside the scan, named if no other fits
     for mask_affine, scan_affine in pairs:
         turn = nib.orientations.ornt_transform(nib.orientations.io_orientation(mask_affine),
                                                nib.orientations.io_orientation(scan_affine))
@@ -87,10 +90,48 @@ def mask_on_scan_grid(mask: Scan, scan: Scan, mask_name: str = "painted mask",
         turned = nib.orientations.apply_orientation(data, turn)
         if turned.shape == shape and _same_affine(turned_affine, scan_affine):
             return np.ascontiguousarray(turned)
-    if data.shape != shape and turned.shape != shape:
-        raise DenseMPError(f"The {mask_name}'s shape {data.shape} differs from the {scan_name}'s {shape}.")
-    raise DenseMPError(f"The {mask_name}'s affine differs from the {scan_name}'s: they do not lie on the same "
-                       f"voxel grid. Resample the mask onto the {scan_name} first.")
+        try:
+            placed = _placed_on_grid(turned, turned_affine, shape, scan_affine, mask_name, scan_name)
+        except DenseMPError as error:
+            beyond = beyond or error
+            continue
+        if placed is not None:
+            return placed
+    if beyond is not None:
+        raise beyond
+    raise DenseMPError(f"The {mask_name} (shape {data.shape}, voxels {_voxel_mm(mask.affine)} mm) does not lie on "
+                       f"the {scan_name}'s voxel grid (shape {shape}, voxels {_voxel_mm(scan.affine)} mm), nor on "
+                       f"a part of it: its affine differs. Resample the mask onto the {scan_name} first.")
+
+
+def _placed_on_grid(data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], scan_affine: np.ndarray,
+                    mask_name: str, scan_name: str) -> np.ndarray | None:
+    """``data`` put on the scan's grid when its voxels are some of the scan's (same voxel axes,
+    an offset of whole voxels); None when they are not. Painted voxels beyond the scan are an
+    error, never dropped silently."""
+    if not _same_affine(affine[:3, :3], scan_affine[:3, :3]):
+        return None
+    offset = np.linalg.solve(scan_affine[:3, :3], affine[:3, 3] - scan_affine[:3, 3])
+    start = np.rint(offset)
+    if np.abs(offset - start).max() > 0.01:
+        return None
+    start = start.astype(int)
+    source = tuple(slice(min(n, max(0, -s)), max(0, min(n, m - s))) for s, n, m in zip(start, data.shape, shape))
+    target = tuple(slice(min(m, max(0, s)), max(0, min(m, s + n))) for s, n, m in zip(start, data.shape, shape))
+    placed = np.zeros(shape, dtype=data.dtype)
+    inside = data[source]
+    if inside.size:
+        placed[target] = inside
+    outside = int(np.count_nonzero(data)) - int(np.count_nonzero(inside))
+    if outside:
+        raise DenseMPError(f"{outside} painted voxels of the {mask_name} lie outside the {scan_name} (the mask's "
+                           f"grid starts at voxel {tuple(int(v) for v in start)} of the {scan_name}'s {shape}): "
+                           f"is it the {scan_name}'s painting?")
+    return placed
+
+
+def _voxel_mm(affine: np.ndarray) -> str:
+    return " x ".join(f"{v:.3g}" for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
 def _placements(scan: Scan) -> list[np.ndarray]:
@@ -302,6 +343,26 @@ class Geometry:
             if self.forms[f"{name}_code"]:
                 setter(np.asarray(self.forms[name]), code=self.forms[f"{name}_code"])
         return header
+
+
+def painting_on_image(painted: np.ndarray, painted_geometry: Geometry, image_geometry: Geometry,
+                      painted_name: str, image_name: str) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A labels layer read from a file on a part (or a reordering) of the image's grid, put on the
+    image's display grid as :func:`mask_on_scan_grid` puts it, and the display index in the image
+    of the layer's voxel 0, so the layer can be shown where it lies."""
+    mask = Scan(painted_geometry.stored(painted), painted_geometry.affine, painted_geometry.reference_header())
+    scan = Scan(np.broadcast_to(np.uint8(0), image_geometry.stored_shape), image_geometry.affine,
+                image_geometry.reference_header())
+    placed = mask_on_scan_grid(mask, scan, f"layer '{painted_name}'", f"image '{image_name}'")
+    corner = [0 if flip > 0 else n - 1 for (_, flip), n in zip(painted_geometry.to_display,
+                                                                painted_geometry.stored_shape)]
+    world = painted_geometry.affine @ [*corner, 1]
+    in_image = np.rint(np.linalg.solve(image_geometry.affine, world)[:3]).astype(int)
+    shown = [0, 0, 0]
+    for stored_axis, (display_axis, flip) in enumerate(image_geometry.to_display):
+        index = int(in_image[stored_axis])
+        shown[int(display_axis)] = index if flip > 0 else image_geometry.stored_shape[stored_axis] - 1 - index
+    return np.ascontiguousarray(image_geometry.display(placed)), tuple(shown)
 
 
 METADATA_KEY = "densemp_geometry"

@@ -31,7 +31,7 @@ from magicgui.widgets import (
 from qtpy.QtCore import QObject, Qt, Signal
 
 from .errors import DenseMPError
-from .io import METADATA_KEY, Geometry
+from .io import METADATA_KEY, Geometry, painting_on_image
 from .painting import tiny_painting_tip
 
 if TYPE_CHECKING:
@@ -266,6 +266,20 @@ class OneShotWidget(Container):
         hidden = [a for a in hidden if 0 <= a < 3]
         return hidden[0] if self.viewer.dims.ndisplay == 2 and hidden else 0
 
+    def _painting_on(self, image, painted) -> np.ndarray:
+        """The painting on the image's grid. A labels layer opened from a file saved on a crop of
+        the scan (or a padded copy) is placed where its voxels lie, and shown there."""
+        if tuple(painted.data.shape) == tuple(image.data.shape):
+            return np.asarray(painted.data)
+        geometries = Geometry.from_metadata(painted.metadata), Geometry.from_metadata(image.metadata)
+        if None in geometries:
+            raise DenseMPError(f"'{painted.name}' has shape {tuple(painted.data.shape)} but '{image.name}' has "
+                               f"{tuple(image.data.shape)}: paint in a labels layer on this image's grid (the "
+                               f"'New painting layer' button makes one).")
+        placed, start = painting_on_image(np.asarray(painted.data), *geometries, painted.name, image.name)
+        painted.translate = np.asarray(image.translate)[-3:] + np.asarray(start) * np.asarray(image.scale)[-3:]
+        return placed
+
     def _request(self) -> _Request:
         """Read and check the inputs; a DenseMPError names what is wrong."""
         image, painted = self._image.value, self._painted.value
@@ -277,10 +291,7 @@ class OneShotWidget(Container):
             raise DenseMPError(f"'{image.name}' is multiscale or RGB; a single-channel 3D scan is needed.")
         if image.ndim != 3:
             raise DenseMPError(f"'{image.name}' is {image.ndim}D; one-shot segmentation needs a 3D volume.")
-        if tuple(painted.data.shape) != tuple(image.data.shape):
-            raise DenseMPError(f"'{painted.name}' has shape {tuple(painted.data.shape)} but '{image.name}' has "
-                               f"{tuple(image.data.shape)}: paint in a labels layer on this image's grid (the "
-                               f"'New painting layer' button makes one).")
+        painting = self._painting_on(image, painted)
         source = "default"
         if self._model.value == FILE_MODEL_CHOICE:
             source = str(self._checkpoint.value)
@@ -289,7 +300,7 @@ class OneShotWidget(Container):
         elif self._model.value != DEFAULT_MODEL_CHOICE:  # another bundled model, e.g. "bundled v2"
             source = str(self._model.value).removeprefix("bundled ")
         return _Request(
-            volume=np.asarray(image.data), painted=np.asarray(painted.data),
+            volume=np.asarray(image.data), painted=painting,
             spacing=tuple(float(s) for s in image.scale[-3:]), axis=self._slicing_axis(image),
             label=int(self._label.value) or None, model_source=source, device=self._device.value,
             between_painted_only=bool(self._between.value), mirror_average=bool(self._mirror.value),

@@ -157,6 +157,45 @@ def test_a_painting_saved_in_another_orientation_is_turned_onto_the_scan(files, 
         np.testing.assert_array_equal(Support.from_files(image, mask).mask, read_nifti(painted).data)
 
 
+def test_a_painting_saved_on_a_crop_of_the_scan_is_placed_where_it_lies(files, tmp_path, capsys):
+    """Slicer and ITK-SNAP save a region of interest's segmentation on the cropped grid, and some
+    tools save on a padded one. Those voxels are some of the scan's: the mask is placed where they
+    lie (before: refused, "shape differs"), alone, reoriented, or as a folder's support, and the
+    run gives the output of the painting saved on the scan's own grid, voxel for voxel. Painted
+    voxels beyond the scan, half-voxel offsets and other voxel sizes are refused by name."""
+    from napari_densemp.batch import Support
+
+    _, image, painted, affine = files
+    full = np.asarray(nib.load(str(painted)).dataobj)
+    held = np.argwhere(full)
+    low, high = held.min(0) - 2, held.max(0) + 3
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+
+    def saved(name, data, start):
+        moved = affine.copy()
+        moved[:3, 3] = (affine @ [*start, 1])[:3]
+        return write_nifti(tmp_path / f"{name}.nii.gz", data, moved)
+
+    crop = saved("crop", full[box], low)
+    padded = saved("padded", np.pad(full, 4), (-4, -4, -4))
+    canonical = nib.as_closest_canonical(nib.load(str(crop)))
+    nib.save(canonical, tmp_path / "crop_ras.nii.gz")
+    reference = read_nifti(_segment(image, painted, tmp_path / "out_full.nii.gz")).data
+    assert reference.sum() > 1000
+    for k, mask in enumerate([crop, padded, tmp_path / "crop_ras.nii.gz"]):
+        np.testing.assert_array_equal(read_nifti(_segment(image, mask, tmp_path / f"out_{k}.nii.gz")).data, reference)
+        np.testing.assert_array_equal(Support.from_files(image, mask).mask, full)
+    beyond = saved("beyond", full[box], np.add(low, [0, 0, full.shape[2]]))
+    half = saved("half", full[box], np.add(low, [0.5, 0, 0]))
+    coarse = write_nifti(tmp_path / "coarse.nii.gz", full[::2, ::2, ::2], affine @ np.diag([2, 2, 2, 1]))
+    cases = [(beyond, f"{int(np.count_nonzero(full))} painted voxels of the painted mask lie outside the image"),
+             (half, "does not lie on the image's voxel grid"), (coarse, "nor on a part of it")]
+    for mask, message in cases:
+        assert main([str(image), str(mask), "-o", str(tmp_path / "refused.nii.gz")]) == 2
+        assert message in _err(capsys)
+    assert not (tmp_path / "refused.nii.gz").exists()
+
+
 def test_a_painting_saved_by_a_tool_that_reads_the_qform_lies_on_the_scan(files, phantom, tmp_path):
     """A registered scan keeps the scanner's placement in its qform and the registered one in its
     sform; a tool that reads the qform (as ITK-based viewers may) saves the painting with that one.
@@ -408,14 +447,14 @@ def test_bad_inputs_exit_2_with_a_named_problem(files, phantom, tmp_path, capsys
     _, image, painted, affine = files
     out = str(tmp_path / "o.nii.gz")
     empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros(phantom.image.shape, np.uint8), affine)
-    small = write_nifti(tmp_path / "small.nii.gz", np.ones((4, 4, 4), np.uint8), affine)
+    small = write_nifti(tmp_path / "small.nii.gz", np.ones((4, 4, 4), np.uint8), affine @ np.diag([3, 3, 3, 1]))
     flat = write_nifti(tmp_path / "flat.nii.gz", np.ones((40, 40), np.float32), np.eye(4))
     four_d = write_nifti(tmp_path / "4d.nii.gz", np.ones((8, 8, 8, 2), np.float32), np.eye(4))
     nan = phantom.image.copy()
     nan[0, 0, 0] = np.nan
     nan_image = write_nifti(tmp_path / "nan.nii.gz", nan, affine)
     shifted = affine.copy()
-    shifted[0, 3] += 5
+    shifted[:3, 3] += 0.5 * affine[:3, 0]  # half a voxel: no voxel of the image
     moved = write_nifti(tmp_path / "moved.nii.gz", read_nifti(painted).data, shifted)
     blank = write_nifti(tmp_path / "blank.nii.gz", np.zeros(phantom.image.shape, np.int16), affine)
     fractions = write_nifti(tmp_path / "fractions.nii.gz", read_nifti(painted).data * np.float32(0.3), affine)

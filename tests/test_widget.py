@@ -504,3 +504,42 @@ def test_napari_opens_a_nifti_and_a_sample_through_the_plugin(make_napari_viewer
     assert np.allclose(layer.scale, (phantom.spacing[2], phantom.spacing[1], phantom.spacing[0]))
     viewer.open_sample("napari-densemp", "phantom_ct")
     assert {"phantom CT", "liver painted"} <= {lyr.name for lyr in viewer.layers}
+
+
+def test_a_painting_saved_on_a_crop_of_the_scan_is_used_and_shown_where_it_lies(make_napari_viewer, tmp_path):
+    """A segmentation saved by Slicer or ITK-SNAP on a cropped region, opened beside its scan,
+    has another shape than the scan: it is placed where its voxels lie (before: refused, "has
+    shape"), gives the result of the painting saved on the scan's grid, voxel for voxel, and
+    its layer is moved to show where it lies. Its data is not changed."""
+    from napari_densemp.io import write_nifti
+    from napari_densemp.widget import OneShotWidget
+
+    from .conftest import paint_largest
+
+    phantom = make_phantom(seed=7, modality="ct")
+    painted = paint_largest(phantom.label, LIVER)[0] * np.uint8(LIVER)
+    held = np.argwhere(painted)
+    low, high = held.min(0) - 2, held.max(0) + 3
+    cropped = phantom.affine.copy()
+    cropped[:3, 3] = (phantom.affine @ [*low, 1])[:3]
+    write_nifti(tmp_path / "ct.nii.gz", phantom.image, phantom.affine)
+    write_nifti(tmp_path / "full.nii.gz", painted, phantom.affine)
+    write_nifti(tmp_path / "crop.nii.gz", painted[tuple(slice(a, b) for a, b in zip(low, high))], cropped)
+    viewer = make_napari_viewer()
+    [image], [full], [crop] = (viewer.open(str(tmp_path / f"{name}.nii.gz"), plugin="napari-densemp")
+                               for name in ("ct", "full", "crop"))
+    crop_before = np.array(crop.data, copy=True)
+    widget = OneShotWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="One-shot segment")
+    results = []
+    for layer in (full, crop):
+        widget.reset_choices()
+        widget._image.value, widget._painted.value = image, layer
+        _run(widget)
+        results.append(np.array(viewer.layers[f"ct {LIVER} propagated"].data, copy=True))
+    assert crop.data.shape != image.data.shape and results[1].sum() > 1000
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(crop.data, crop_before)
+    shown = [tuple(np.rint(image.world_to_data(crop.data_to_world(voxel))).astype(int))
+             for voxel in np.argwhere(crop.data)]
+    assert all(full.data[voxel] == LIVER for voxel in shown) and len(shown) == np.count_nonzero(full.data)
