@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--organs", type=int, nargs="*", help="label values (default: all present)")
     parser.add_argument("--split", default="held-out", choices=["held-out", "seen", "all"])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "int8", "fp32"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, help="score only the first N scans")
     parser.add_argument("--scans", nargs="*", help="score only these scans (names as in the split)")
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.precision)
     options = model.default_options(**parse_rules(args.rule))
 
     if not (args.data or args.phantoms or args.mni152):
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                                   args.modality, args.paint_at, args.bias_field, args.stray_click, args.header,
                                   args.fov_padding, args.paint_margin, args.pixel_mm)
     names = ORGAN_NAMES if args.phantoms else {}
-    print(f"model {model.name} ({model.provenance.get('iterations', '?')} iterations); view {args.view}; "
+    print(f"model {model.name} ({model.precision}, {model.provenance.get('iterations', '?')} iterations); "
+          f"view {args.view}; "
           f"plane {args.plane}; slices {args.slice_mm or 'stored'} mm; "
           f"intensities {'as stored' if args.as_stored else 'in HU'}, modality {args.modality}; "
           f"painted {'largest slice' if args.paint_at is None else f'at {args.paint_at} of the extent'}; "

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--organs", type=int, nargs="*")
     parser.add_argument("--split", default="held-out", choices=["held-out", "seen", "all"])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "int8", "fp32"])
     parser.add_argument("--limit", type=int)
     parser.add_argument("--scans", nargs="*", help="only these queries of the split (e.g. a validation set)")
     parser.add_argument("--plane", default="axial", choices=["axial", "axial+coronal"],
@@ -106,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override propagation rules (PropagationOptions fields), e.g. min_confidence=0.7")
     args = parser.parse_args(argv)
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     options = model.default_options(**parse_rules(args.rule))
     queries = select_scans(args.data, args.phantoms, args.split, args.limit, args.first_seed, names=args.scans)
     names = ORGAN_NAMES if args.phantoms else {}
-    print(f"model {model.name}; slices {args.slice_mm or 'stored'} mm; options {options}")
+    print(f"model {model.name} ({model.precision}); slices {args.slice_mm or 'stored'} mm; options {options}")
     print(f"{'query':<16}{'support':<16}{'organ':>6}{'1 slice':>9}{'3D':>7}{'paper':>7}{'found':>10}"
           f"{'truth':>10}{'s':>6}")
     rows = []

@@ -3,6 +3,7 @@
     python benchmarks/speed.py                 # 100 slices of 256x256: whole run, backbone, re-run
     python benchmarks/speed.py --memory        # + peak RSS at 512x512x300 (in a fresh process)
     python benchmarks/speed.py --fp32          # without bf16 autocast, for comparison
+    python benchmarks/speed.py --precision int8   # the backbone in int8 (CPU, opt-in)
     python benchmarks/speed.py --backbones 18:3 18:4 34:3 50:3   # candidate architectures
     python benchmarks/speed.py --organ kidney  # a small organ: the walk embeds only its slices
 
@@ -71,23 +72,22 @@ def candidate(depth: int, last_layer: int, device: str, fp32: bool) -> Model:
 
 
 def speed(args: argparse.Namespace, model: Model | None = None) -> None:
-    model = model or load_model(args.model, args.device, precision="fp32" if args.fp32 else "auto")
+    model = model or load_model(args.model, args.device, precision="fp32" if args.fp32 else args.precision)
     image, painted, _ = phantom_volume((256, 256, 100), coronal=args.two_planes, organ=ORGANS[args.organ])
     spacing = (model.profile.in_plane_spacing_mm, model.profile.in_plane_spacing_mm, 2.5)
     slices = np.moveaxis(image, 2, 0)
     run = dict(spacing=spacing, options=model.default_options(**parse_rules(args.rule)))
     embedded = []
-    embed = model.network.embed
-    model.network.embed = lambda batch: embedded.append(len(batch)) or embed(batch)
+    embed = model.embed
+    model.embed = lambda batch: embedded.append(len(batch)) or embed(batch)
     propagate(image, painted, model, **run)  # warm-up (allocator, oneDNN kernels); counts slices embedded
-    model.network.embed = embed
+    del model.embed  # the method again
     backbone = best_of(lambda: compute_features(model, slices, spacing[:2]), args.repeats)
     whole = best_of(lambda: propagate(image, painted, model, **run), args.repeats)
     cache = FeatureCache(max_volumes=2)  # two planes: both passes cached
     propagate(image, painted, model, cache=cache, **run)
     rerun = best_of(lambda: propagate(image, painted, model, cache=cache, **run), args.repeats)
-    precision = "bf16 autocast" if model.uses_bf16 else "fp32"
-    print(f"model {model.name}, {model.device}, {precision}, {torch.get_num_threads()} threads, {args.organ}"
+    print(f"model {model.name}, {model.device}, {model.precision}, {torch.get_num_threads()} threads, {args.organ}"
           + (f", rules {' '.join(args.rule)}" if args.rule else "")
           + (", painted on an axial and a coronal slice" if args.two_planes else ""))
     print("100 slices of 256x256:")
@@ -118,7 +118,8 @@ def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fp32", action="store_true")
+    parser.add_argument("--fp32", action="store_true", help="the same as --precision fp32")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "int8", "fp32"])
     parser.add_argument("--rule", nargs="*", default=[], metavar="NAME=VALUE",
                         help="propagation rules (PropagationOptions fields), e.g. mirror_average=1")
     parser.add_argument("--memory", action="store_true")

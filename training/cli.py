@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     rp.add_argument("--workers", type=int, default=0)
 
-    ex = sub.add_parser("export", help="strip the training state from a checkpoint (float16 weights)")
+    ex = sub.add_parser("export", help="strip the training state from a checkpoint (float16 weights, int8 "
+                                            "scales measured on phantoms)")
     ex.add_argument("checkpoint", type=Path)
     ex.add_argument("out", type=Path)
     ex.add_argument("--full-precision", action="store_true")
@@ -237,23 +238,13 @@ def main(argv: list[str] | None = None) -> int:
 
             reproduce(PRESETS[args.preset], args.out, args.data, args.device, args.amp, args.workers)
         elif args.command == "export":
-            from napari_densemp.checkpoint import load_checkpoint, save_checkpoint
             from napari_densemp.engine import parse_rules
-            from napari_densemp.preprocessing import PreprocessingProfile
 
-            if args.out.exists() and not args.overwrite:
-                raise DenseMPError(f"{args.out} exists; pass --overwrite to replace it.")
-            state = load_checkpoint(args.checkpoint)
-            provenance = dict(state.provenance)
-            if args.rule:
-                provenance["propagation"] = {**provenance.get("propagation", {}), **parse_rules(args.rule)}
-            profile = state.preprocessing
-            if args.orientation:
-                given = dict(item.partition("=")[::2] for item in args.orientation)
-                profile = PreprocessingProfile.from_dict({**profile.to_dict(), "orientations": {
-                    **profile.orientations, **{k.lower(): v.upper() for k, v in given.items()}}})
-            save_checkpoint(args.out, state.build_model(), profile, provenance=provenance,
-                            half=not args.full_precision)
+            from .export import export_checkpoint
+
+            given = dict(item.partition("=")[::2] for item in args.orientation)
+            export_checkpoint(args.checkpoint, args.out, parse_rules(args.rule) if args.rule else None, given,
+                              half=not args.full_precision, overwrite=args.overwrite)
             print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
         elif args.command == "average":
             from napari_densemp.checkpoint import save_checkpoint
