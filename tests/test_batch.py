@@ -272,8 +272,10 @@ def test_a_folder_run_reads_scans_as_told_and_says_how(folder, tmp_path):
 
 def test_support_with_a_mismatched_mask_is_named(tmp_path, ct_phantom):
     write_nifti(tmp_path / "s.nii.gz", ct_phantom.image, ct_phantom.affine)
-    write_nifti(tmp_path / "m.nii.gz", np.zeros((4, 4, 4), np.uint8), ct_phantom.affine)
-    with pytest.raises(DenseMPError, match="support mask's shape"):
+    coarse = ct_phantom.affine @ np.diag([3, 3, 3, 1])  # neither the image's grid nor a part of it
+    write_nifti(tmp_path / "m.nii.gz", np.ones((4, 4, 4), np.uint8), coarse)
+    with pytest.raises(DenseMPError, match=r"support mask \(shape \(4, 4, 4\), voxels 4.43 x 4.43 x 15 mm\) does not "
+                                           r"lie on the support image's voxel grid"):
         Support.from_files(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
 
 
