@@ -130,6 +130,8 @@ def load_model(source: str | Path = "default", device: str = "auto",
     carries: 1.8x faster than fp32 where bf16 is not native, at a Dice within 0.7 of it on the
     validation patients (not the default: see :mod:`napari_densemp.int8`).
     """
+    if precision not in ("auto", "bf16", "int8", "fp32"):
+        raise DenseMPError(f"Unknown precision {precision!r}: use auto, bf16, int8 or fp32.")
     bundled = bundled_models()
     path = bundled.get(str(source), Path(source))
     if str(source) == "default" and not path.is_file():
@@ -141,8 +143,6 @@ def load_model(source: str | Path = "default", device: str = "auto",
     dev = pick_device(device)
     network = checkpoint.build_model().to(dev).to(memory_format=torch.channels_last)
     bf16 = precision == "bf16" or (precision == "auto" and use_bf16(dev))
-    if precision not in ("auto", "bf16", "int8", "fp32"):
-        raise DenseMPError(f"Unknown precision {precision!r}: use auto, bf16, int8 or fp32.")
     int8 = None
     if precision == "int8":
         if dev.type != "cpu":

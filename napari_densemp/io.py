@@ -358,11 +358,7 @@ def painting_on_image(painted: np.ndarray, painted_geometry: Geometry, image_geo
                                                                 painted_geometry.stored_shape)]
     world = painted_geometry.affine @ [*corner, 1]
     in_image = np.rint(np.linalg.solve(image_geometry.affine, world)[:3]).astype(int)
-    shown = [0, 0, 0]
-    for stored_axis, (display_axis, flip) in enumerate(image_geometry.to_display):
-        index = int(in_image[stored_axis])
-        shown[int(display_axis)] = index if flip > 0 else image_geometry.stored_shape[stored_axis] - 1 - index
-    return np.ascontiguousarray(image_geometry.display(placed)), tuple(shown)
+    return np.ascontiguousarray(image_geometry.display(placed)), image_geometry.display_index(tuple(in_image))
 
 
 METADATA_KEY = "densemp_geometry"
