@@ -47,6 +47,8 @@ def int8_scales(network: FewShotSegmenter, profile: PreprocessingProfile) -> dic
 def export_checkpoint(checkpoint: Path, out: Path, rules: dict | None = None,
                       orientations: dict[str, str] | None = None, half: bool = True,
                       overwrite: bool = False) -> Path:
+    """Write ``checkpoint`` as a product model at ``out`` (never over an existing file unless
+    ``overwrite``); ``rules`` and ``orientations`` are recorded as given, after validation."""
     if out.exists() and not overwrite:
         raise DenseMPError(f"{out} exists; pass --overwrite to replace it.")
     state = load_checkpoint(checkpoint)
