@@ -186,6 +186,10 @@ class PropagationOptions:
     # thicker than this); the walks then embed the slices they reach. 0: every slice.
     search_step_mm: float = 5.0
     support_chunks: int = 3  # supports taken from a 3D support mask (the paper uses 3)
+    # Each walk in another patient goes at most this x the support structure's own extent (mm) from
+    # its matched slice to that end, per direction: the same organ has a similar length, and a walk
+    # that runs on into a neighbour is cut there. 0: no limit.
+    extent_limit: float = 1.5
     calibrate_threshold: bool = True  # output threshold: the one that best redraws the painting on its slice
     # Holes inside a drawn slice are filled, unless the painting has holes of its own (more than
     # 1% of its area: a ring-shaped structure, or vessels the user left out) that must be kept.
@@ -898,6 +902,29 @@ def _check_same_kind(support_volume: np.ndarray, query_volume: np.ndarray) -> No
                            f"{names[query]}), say so with the modality (--modality, or the widget's scan type).")
 
 
+def _support_reach(own: Scorer, count: int, painted: list[int], reference: int, masks: dict[int, torch.Tensor],
+                   support_mm: float, query_mm: float, options: PropagationOptions,
+                   pixel_mm: tuple[float, float]) -> tuple[int, int]:
+    """How many query slices a walk may go down and up from the slice matched to the support's
+    ``reference``: ``options.extent_limit`` x the support structure's extent (mm) on each side of
+    it. A 3D support's extent is its mask's; a structure painted on fewer slices than the
+    support's chunks is first walked through its own ``count`` slices. Unlimited when
+    ``extent_limit`` is 0, and on a side where the structure was not found beyond ``reference``."""
+    unlimited = 10**9
+    if options.extent_limit <= 0:
+        return unlimited, unlimited
+    if len(painted) >= options.support_chunks:
+        low, high = painted[0], painted[-1]
+    else:
+        walked = _walk(own, count, {z: _seed(masks[z]) for z in painted}, (0, count - 1), options, pixel_mm)
+        extent = [z for z, kept in walked.items() if kept.any()] + painted
+        low, high = min(extent), max(extent)
+    # A side with nothing beyond the reference (the support's own walk stopped there) says nothing.
+    down, up = (int(np.ceil(options.extent_limit * slices * support_mm / query_mm)) if slices > 0 else unlimited
+                for slices in (reference - low, high - reference))
+    return down, up
+
+
 def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_volume: np.ndarray, model: Model,
                  support_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
                  query_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), axis: int = 2,
@@ -912,7 +939,11 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     ``options.search_step_mm`` apart (every slice of a thicker scan) are scored against the
     support's prototypes, the slice whose best region is most confident and most like the
     support in area (weighted by a prior on the support's relative position along the
-    axis, ``options.position_prior``) seeds the same walk as :func:`propagate`. A support mask
+    axis, ``options.position_prior``) seeds the same walk as :func:`propagate`, which goes no
+    further each way than ``options.extent_limit`` x the support structure's extent on that side
+    of its largest slice (the support painted on one slice is walked through its own scan for
+    that). Both scans must run the same way along the axis (:func:`~napari_densemp.batch.segment_scan`
+    turns a query into the support's orientation first). A support mask
     on several slices (a finished 3D mask) then supplies ``options.support_chunks`` supports,
     the centres of equal parts of the structure, each anchored at the matching part of the
     query's found extent (the paper's pairing). A support painted on slices of two planes (an
@@ -996,14 +1027,17 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
     if scores.max() > 0:
         # The most consistent slab: walk from the best few candidate slices and keep the walk
         # with the most confident mass (a spurious look-alike ends within a slice or two).
-        best_mass, region = -1.0, {}
+        reach = _support_reach(own, len(support), painted, reference, s_masks, float(support_spacing[axis]),
+                               float(query_spacing[axis]), options, s_pixel)
+        best_mass, region, limits = -1.0, {}, (0, n - 1)
         for candidate in np.argsort(scores)[::-1][:options.seed_candidates]:
             if scores[candidate] <= 0:
                 break
-            walked = _walk(scorer, n, {int(candidate): regions[candidate]}, (0, n - 1), walk_options, q_pixel)
+            bounds = (max(int(candidate) - reach[0], 0), min(int(candidate) + reach[1], n - 1))
+            walked = _walk(scorer, n, {int(candidate): regions[candidate]}, bounds, walk_options, q_pixel)
             mass = sum(float(scorer(z)[kept].mean()) for z, kept in walked.items() if kept.any())
             if mass > best_mass:
-                best_mass, region, found_at = mass, walked, [int(candidate)]
+                best_mass, region, found_at, limits = mass, walked, [int(candidate)], bounds
         # Pass 2 (a 3D support): the paper's pairing of support chunks with query chunks.
         extent = sorted(z for z, kept in region.items() if kept.any())
         chunks = min(options.support_chunks, len(painted))
@@ -1014,7 +1048,7 @@ def segment_like(support_volume: np.ndarray, support_mask: np.ndarray, query_vol
                 scorer = make_scorer(model, q_feats, s_feats, {s: s_masks[s] for s in support_centres},
                                      dict(zip(query_centres, support_centres)), cancel, progress)
                 seeds = {q: region[q] for q in query_centres}
-                region = _walk(scorer, n, seeds, (0, n - 1), walk_options, q_pixel)
+                region = _walk(scorer, n, seeds, limits, walk_options, q_pixel)
                 found_at = query_centres
         fill = options.fill_holes and not has_holes(support[painted])
         out, confidence = _render(scorer, region, q_feats, threshold, n, fill)

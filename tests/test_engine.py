@@ -762,6 +762,22 @@ def test_scorer_and_walk_on_synthetic_features():
     assert sorted(z for z, kept in region.items() if kept.any()) == [2, 3, 4, 5, 6, 7]
 
 
+def test_a_walk_in_another_patient_goes_at_most_its_share_of_the_supports_extent():
+    """The support's structure spans slices 2-7 of 2 mm, painted at 5: 6 mm below and 4 mm above.
+    On a query of 1 mm slices, a walk may go 1.5 x that: 9 slices down, 6 up. A 3D support's
+    extent is its mask's."""
+    import torch
+
+    scorer, seed = _synthetic_scorer(range(2, 8))
+    masks = {5: torch.from_numpy(seed.astype(np.float32))}
+    options = PropagationOptions(extent_limit=1.5)
+    reach = engine._support_reach(scorer, 10, [5], 5, masks, 2.0, 1.0, options, PIXEL)
+    assert reach == (9, 6)
+    assert engine._support_reach(scorer, 10, [1, 5, 9], 5, masks, 2.0, 1.0, options, PIXEL) == (12, 12)
+    unlimited = engine._support_reach(scorer, 10, [5], 5, masks, 2.0, 1.0, PropagationOptions(extent_limit=0), PIXEL)
+    assert min(unlimited) >= 10
+
+
 def test_rules_parse_to_typed_option_values_and_name_what_is_wrong():
     rules = parse_rules(["min_confidence=0.7", "seed_candidates=3", "calibrate_threshold=no"])
     assert rules == {"min_confidence": 0.7, "seed_candidates": 3, "calibrate_threshold": False}
