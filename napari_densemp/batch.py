@@ -31,7 +31,7 @@ from .engine import (
     walked_axes,
 )
 from .errors import DenseMPError
-from .io import Scan, as_3d, is_nifti, mask_on_scan_grid, read_nifti, read_scan, write_nifti
+from .io import Scan, as_3d, image_stem, is_image_file, mask_on_scan_grid, read_image_file, read_scan, write_image
 from .preprocessing import Modality
 
 SUMMARY_FIELDS = ["scan", "structure", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
@@ -67,7 +67,7 @@ class Support:
 
     @classmethod
     def from_files(cls, image: str | Path, mask: str | Path, label: int | None = None) -> Support:
-        scan, painted = read_scan(image), read_nifti(mask)
+        scan, painted = read_scan(image), read_image_file(mask)
         volume = as_3d(scan.data, image, "support image")
         binary = mask_on_scan_grid(painted, scan, "support mask", "support image")
         return cls(Scan(volume, scan.affine, scan.header, scan.path), binary, label)
@@ -92,22 +92,23 @@ class BatchRow:
 
 
 def list_scans(folder: str | Path, pattern: str = "*") -> list[Path]:
-    """NIfTI files (and DICOM series folders) in ``folder`` matching ``pattern``, sorted."""
+    """Scan files (NIfTI, NRRD, MetaImage) and DICOM series folders in ``folder`` matching
+    ``pattern``, sorted."""
     from .dicom import looks_like_dicom_folder
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DenseMPError(f"Not a folder: {folder}")
     return sorted(p for p in folder.glob(pattern)
-                  if (p.is_file() and is_nifti(p)) or (p.is_dir() and looks_like_dicom_folder(p)))
+                  if (p.is_file() and is_image_file(p)) or (p.is_dir() and looks_like_dicom_folder(p)))
 
 
 def output_path(scan_path: Path, out_dir: Path) -> Path:
-    name = scan_path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    return out_dir / f"{name}.nii.gz"
+    """The scan's result in ``out_dir``, named like it and in its format (one file: .nrrd for
+    NRRD, .mha for MetaImage; .nii.gz for NIfTI and DICOM), so it opens beside it in the same tool."""
+    suffix = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}.get(
+        scan_path.suffix.lower(), ".nii.gz") if scan_path.is_file() else ".nii.gz"
+    return out_dir / f"{image_stem(scan_path)}{suffix}"
 
 
 def shard(items: list, spec: str | None) -> list:
@@ -204,7 +205,7 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
                 scan = read_scan(path)
                 scan = Scan(as_3d(scan.data, path, "scan"), scan.affine, scan.header, scan.path)
                 values, results = segment_scan(support, scan, model, axis, options, cache, cancel, modality)
-                write_nifti(out, values, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
+                write_image(out, values, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
                 scan_rows = _done_rows(scan, path.name, time.perf_counter() - start, values, results, out)
             except Cancelled:
                 break

@@ -5,6 +5,9 @@ segment it in every scan of a folder.
     densemp-segment --support-image A.nii.gz --support-mask A_painted.nii.gz --scans DIR --out OUTDIR
     densemp-segment --demo            # a phantom CT, its liver painted on one slice
 
+Scans are NIfTI, NRRD or MetaImage files (the last two with the [formats] extra) or DICOM
+series folders; paintings and outputs are NIfTI, NRRD or MetaImage files.
+
 Outputs have exactly their scan's shape, affine and orientation and are written atomically;
 nothing that exists is replaced without --overwrite (a folder run skips finished scans, so a
 re-run resumes). Errors are one line on stderr and exit code 2; in a folder run a bad scan is
@@ -23,7 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DenseMPError
-from .io import as_3d, mask_on_scan_grid, read_nifti, read_scan, write_nifti
+from .io import (
+    as_3d,
+    check_writable,
+    mask_on_scan_grid,
+    read_image_file,
+    read_nifti,
+    read_scan,
+    write_image,
+    write_nifti,
+)
 from .painting import integer_painting, larger_slice_tip, tiny_painting_tip
 
 log = logging.getLogger("densemp-segment")
@@ -32,9 +44,11 @@ log = logging.getLogger("densemp-segment")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densemp-segment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("image", nargs="?", type=Path, help="the scan (NIfTI file or DICOM series folder)")
+    parser.add_argument("image", nargs="?", type=Path,
+                        help="the scan (NIfTI, NRRD or MetaImage file, or DICOM series folder)")
     parser.add_argument("painted", nargs="?", type=Path, help="mask with the structure painted on 1+ slices")
-    parser.add_argument("-o", "--out", type=Path, help="output mask (NIfTI); with --demo, a folder")
+    parser.add_argument("-o", "--out", type=Path,
+                        help="output mask (.nii.gz, .nii, .nrrd or .mha); with --demo, a folder")
     parser.add_argument("--model", default="default",
                         help="'default' (the bundled v3), 'v0' or 'v2' (bundled) or a checkpoint file")
     parser.add_argument("--label", type=int, help="propagate only this painted value (default: every structure "
@@ -69,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
-    folder.add_argument("--support-image", type=Path, help="the scan that was painted (NIfTI or DICOM folder)")
+    folder.add_argument("--support-image", type=Path, help="the scan that was painted (a file or DICOM folder)")
     folder.add_argument("--support-mask", type=Path, help="its mask: one painted slice or a whole 3D mask")
-    folder.add_argument("--scans", type=Path, help="folder of scans to segment (NIfTI files, DICOM folders)")
+    folder.add_argument("--scans", type=Path,
+                        help="folder of scans to segment (NIfTI, NRRD, MetaImage files, DICOM folders); each "
+                             "result is written in its scan's format (NIfTI for DICOM)")
     folder.add_argument("--pattern", default="*", help="which entries of --scans (glob, e.g. 'image_*.nii.gz')")
     folder.add_argument("--shard", help="K/N: only scans whose index modulo N is K (K from 0), for array jobs")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -117,10 +133,11 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     for given in (image_path, painted_path):
         if out_path.resolve() == Path(given).resolve():
             raise DenseMPError(f"The output {out_path} is one of the inputs; choose another output path.")
+    check_writable(out_path)
     if out_path.exists() and not overwrite:
         raise DenseMPError(f"{out_path} exists; choose another output or pass --overwrite.")
-    scan = read_scan(image_path)  # a NIfTI file or a DICOM series folder
-    mask = read_nifti(painted_path)
+    scan = read_scan(image_path)  # a file or a DICOM series folder
+    mask = read_image_file(painted_path)
     volume = as_3d(scan.data, image_path, "image")
     # label values as integers once: a mask saved as floats (0.9999) is compared by value below
     painted = integer_painting(mask_on_scan_grid(mask, scan))
@@ -142,7 +159,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
             out, results = result.mask.astype(np.uint8), {labels[0] if label is None else label: result}
     finally:
         close()
-    write_nifti(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
+    write_image(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
@@ -205,7 +222,8 @@ def run_folder(args: argparse.Namespace) -> int:
     support = Support.from_files(args.support_image, args.support_mask, args.label)
     scans = shard(list_scans(args.scans, args.pattern), args.shard)
     if not scans:
-        raise DenseMPError(f"No NIfTI file or DICOM folder matching {args.pattern!r} in {args.scans}.")
+        raise DenseMPError(f"No scan (NIfTI, NRRD or MetaImage file, DICOM folder) matching {args.pattern!r} in "
+                           f"{args.scans}.")
     model = load_model(args.model, args.device, args.precision)
     axis = _axis(args.axis, support.mask, support.scan.affine)
     if not args.keep_outlines:

@@ -1,4 +1,5 @@
-"""NIfTI in and out, keeping geometry exact and never leaving half-written files."""
+"""Scans and masks in and out (NIfTI; NRRD and MetaImage through :mod:`.itk_formats`; DICOM
+series through :mod:`.dicom`), keeping geometry exact and never leaving half-written files."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ import numpy as np
 
 from .atomic import write_atomically
 from .errors import DenseMPError
+from .itk_formats import SUFFIXES as ITK_SUFFIXES
+from .itk_formats import WRITABLE_SUFFIXES as ITK_WRITABLE_SUFFIXES
+from .itk_formats import is_itk_file, read_itk_file, write_itk_file
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES  # files read as a scan or a mask
+WRITABLE_SUFFIXES = NIFTI_SUFFIXES + ITK_WRITABLE_SUFFIXES
 
 
 @dataclass
@@ -41,6 +47,23 @@ class Scan:
 
 def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """A file this package reads as a scan or a mask: NIfTI, NRRD or MetaImage."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file's name without its image suffix (``.nii.gz`` and the like): a scan's name."""
+    name = Path(path).name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
+    return name[: len(name) - len(suffix)]
+
+
+def read_image_file(path: str | os.PathLike) -> Scan:
+    """A NIfTI, NRRD or MetaImage file (any other name is tried as NIfTI)."""
+    return read_itk_file(path) if is_itk_file(path) else read_nifti(path)
 
 
 def read_nifti(path: str | os.PathLike) -> Scan:
@@ -150,13 +173,13 @@ def _same_affine(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def read_scan(path: str | os.PathLike) -> Scan:
-    """A NIfTI file or a DICOM series folder."""
+    """A NIfTI, NRRD or MetaImage file, or a DICOM series folder."""
     path = Path(path)
     if path.is_dir():
         from .dicom import read_dicom_series
 
         return read_dicom_series(path)
-    scan = read_nifti(path)
+    scan = read_image_file(path)
     volume = scan.data.ndim >= 3 and all(n == 1 for n in scan.data.shape[3:])  # else refused as not 3D
     gap = geometry_gap(scan) if volume else None
     if gap is not None:
@@ -171,7 +194,9 @@ def geometry_gap(scan: Scan) -> str | None:
     The engine cannot refuse such a scan (a true 1 mm grid at the origin looks the same), but a
     guessed voxel size or orientation costs accuracy, so the user is told which and how to fix it.
     """
-    if np.allclose(scan.affine, np.eye(4)):  # what numpy-made files carry
+    # what numpy-made files carry; ITK's default geometry (1 mm, no direction) reads as LPS
+    if np.allclose(scan.affine, np.eye(4)) or (is_itk_file(scan.path or "")
+                                               and np.allclose(scan.affine, np.diag([-1.0, -1.0, 1.0, 1.0]))):
         return (f"{scan.path} records no voxel size or orientation (its affine is the identity): its voxels are "
                 f"taken as 1 mm cubes in the stored orientation. If they are not, set them in its header (a "
                 f"CHAOS MRI of 1.25 x 1.25 x 7.7 mm voxels read so lost 5.6 Dice).")
@@ -198,6 +223,24 @@ def _zero_voxel_axes(path: Path | None, header: nib.Nifti1Header) -> list[int]:
     with nib.openers.ImageOpener(str(path)) as stored:
         raw = type(header).from_fileobj(stored, check=False)
     return [axis for axis in range(3) if float(raw["pixdim"][axis + 1]) == 0]
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """An output name of a format this package writes, or an error saying which it writes."""
+    if not str(path).lower().endswith(WRITABLE_SUFFIXES):
+        raise DenseMPError(f"Output must end in .nii.gz, .nii, .nrrd or .mha: {path}")
+
+
+def write_image(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
+                reference: nib.Nifti1Header | None = None, overwrite: bool = False, mask: bool = False) -> Path:
+    """:func:`write_nifti`, or NRRD / MetaImage for a ``.nrrd`` / ``.mha`` name (``affine`` alone
+    places the voxels there; ``reference`` and ``mask`` are NIfTI header fields)."""
+    check_writable(path)
+    if not is_itk_file(path):
+        return write_nifti(path, data, affine, reference, overwrite, mask)
+    if Path(path).exists() and not overwrite:
+        raise DenseMPError(f"{path} exists; choose another output or pass --overwrite.")
+    return write_itk_file(path, data, affine)
 
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,

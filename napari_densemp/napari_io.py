@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from .errors import DenseMPError
-from .io import METADATA_KEY, Geometry, is_nifti, read_scan, write_nifti
+from .io import METADATA_KEY, WRITABLE_SUFFIXES, Geometry, image_stem, is_image_file, read_scan, write_image
 
 log = logging.getLogger(__name__)
 LayerData = tuple[np.ndarray, dict, str]
@@ -29,7 +28,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
     from .dicom import looks_like_dicom_folder
 
     paths = path if isinstance(path, list) else [path]
-    if all(is_nifti(p) or looks_like_dicom_folder(p) for p in paths):
+    if all(is_image_file(p) or looks_like_dicom_folder(p) for p in paths):
         return read_layers
     return None
 
@@ -40,12 +39,12 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
 
 
 def scan_layer(path: str | os.PathLike) -> LayerData:
-    """One NIfTI file or DICOM folder as an image (or labels) layer in display orientation."""
+    """One scan file or DICOM folder as an image (or labels) layer in display orientation."""
     scan = read_scan(path)
     if scan.data.ndim != 3:
         raise DenseMPError(f"{path} holds a {scan.data.ndim}D array of shape {scan.data.shape}; "
                            f"napari-densemp reads 3D scans.")
-    return layer_from_array(scan.data, scan.affine, _name(Path(path)), str(path), scan.forms)
+    return layer_from_array(scan.data, scan.affine, image_stem(path), str(path), scan.forms)
 
 
 def layer_from_array(data: np.ndarray, affine: np.ndarray, name: str, source: str = "",
@@ -72,17 +71,9 @@ def _is_label_map(data: np.ndarray) -> bool:
     return bool(values.size <= MAX_LABEL_VALUES and values.min() >= 0 and values.max() < 2**31)
 
 
-def _name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 # --------------------------------------------------------------------------- writer
 def write_labels(path: str, data: np.ndarray, attributes: dict) -> list[str]:
-    """Labels layer -> NIfTI on the source scan's grid with its affine.
+    """Labels layer -> NIfTI (or NRRD, MetaImage by name) on the source scan's grid with its affine.
 
     napari's save dialog has already asked before replacing a file; the write is atomic.
     """
@@ -98,11 +89,11 @@ def write_labels(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     else:
         stored = geometry.stored(np.asarray(data))
         affine = geometry.affine
-    if not is_nifti(path):
+    if not path.lower().endswith(WRITABLE_SUFFIXES):
         path = f"{path}.nii.gz"
     values_max = int(stored.max()) if stored.size else 0
     dtype = np.uint8 if values_max <= 255 else np.int32
-    return [str(write_nifti(path, stored.astype(dtype), affine, reference, overwrite=True, mask=True))]
+    return [str(write_image(path, stored.astype(dtype), affine, reference, overwrite=True, mask=True))]
 
 
 # --------------------------------------------------------------------------- sample data

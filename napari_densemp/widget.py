@@ -626,7 +626,7 @@ class OneShotWidget(Container):
         self._say("\n".join(lines) + f"\n{seconds:.1f} s" + (_OUTLINE_NOTE if outlined else ""))
 
     def segment_folder(self) -> None:
-        """Every scan of a folder, results as NIfTI in another folder with a summary table."""
+        """Every scan of a folder, results in another folder (each in its scan's format) with a summary table."""
         try:
             request = self._request()
             scans_dir, results_dir = Path(self._scans_dir.value), Path(self._results_dir.value)
@@ -638,7 +638,7 @@ class OneShotWidget(Container):
 
             request.scans = list_scans(scans_dir)
             if not request.scans:
-                raise DenseMPError(f"No NIfTI file or DICOM folder in {scans_dir}.")
+                raise DenseMPError(f"No scan (NIfTI, NRRD or MetaImage file, DICOM folder) in {scans_dir}.")
             request.results_dir = results_dir
         except DenseMPError as exc:
             self._notify_error(str(exc))

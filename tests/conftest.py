@@ -23,6 +23,12 @@ def mri_phantom() -> Phantom:
 
 
 @pytest.fixture(scope="session")
+def other_ct() -> Phantom:
+    """Another patient for ct_phantom's support: paint once, segment many."""
+    return make_phantom(seed=21, modality="ct")
+
+
+@pytest.fixture(scope="session")
 def default_model():
     from napari_densemp.engine import load_model
 

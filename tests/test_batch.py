@@ -17,11 +17,6 @@ from src_data.phantoms import LEFT_KIDNEY, LIVER, RIGHT_KIDNEY, SPLEEN, make_pha
 from .conftest import dice, paint_largest
 
 
-@pytest.fixture(scope="module")
-def other_ct():
-    return make_phantom(seed=21, modality="ct")
-
-
 def _extent(mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask.any(axis=(0, 1)))
 

@@ -1,0 +1,170 @@
+"""NRRD and MetaImage scans and masks: read and written with exactly the geometry NIfTI would carry."""
+
+from __future__ import annotations
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_densemp.batch import Support, list_scans, output_path, segment_folder
+from napari_densemp.cli import main
+from napari_densemp.errors import DenseMPError
+from napari_densemp.io import read_image_file, read_nifti, read_scan, write_image, write_nifti
+from napari_densemp.itk_formats import affine_from_itk
+from napari_densemp.napari_io import get_reader, write_labels
+from src_data.phantoms import LIVER, RIGHT_KIDNEY
+
+from .conftest import dice, paint_largest
+
+sitk = pytest.importorskip("SimpleITK")
+
+
+def _oblique_affine() -> np.ndarray:
+    """Rotated about all three axes, anisotropic, shifted: every sign and order shows."""
+    a, b, c = np.deg2rad([10.0, -20.0, 30.0])
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ ry @ rx @ np.diag([0.8, 1.1, 3.0])
+    affine[:3, 3] = [-120.5, 33.25, 410.0]
+    return affine
+
+
+def test_itk_reads_a_nifti_where_nibabel_places_it(tmp_path):
+    """ITK's own NIfTI reader (LPS) and nibabel (RAS) agree through our conversion: the LPS <-> RAS
+    rule is checked against an implementation that is not ours."""
+    affine = _oblique_affine()
+    data = np.random.default_rng(0).integers(-1000, 1000, (17, 13, 9)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "scan.nii.gz")
+    image = sitk.ReadImage(str(tmp_path / "scan.nii.gz"))
+    read = affine_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    assert np.abs(read - affine).max() < 1e-5  # NIfTI keeps the affine in float32
+    assert np.array_equal(sitk.GetArrayFromImage(image).transpose(), data)
+
+
+def test_a_nrrd_in_ras_space_is_placed_as_its_header_says(tmp_path):
+    """A NRRD written by hand (as any tool may, here in RAS space): its space directions are the
+    voxel axes' steps in that space, its space origin the first voxel's centre."""
+    data = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2, order="F")  # (x, y, z), x fastest on disk
+    header = ("NRRD0004\ntype: short\ndimension: 3\nspace: right-anterior-superior\nsizes: 4 3 2\n"
+              "space directions: (0,-0.9,0) (1.2,0,0) (0,0,2.5)\nkinds: domain domain domain\n"
+              "endian: little\nencoding: raw\nspace origin: (10,-20,30)\n\n")
+    path = tmp_path / "ras.nrrd"
+    path.write_bytes(header.encode() + data.astype("<i2").tobytes(order="F"))
+    scan = read_scan(path)
+    assert np.allclose(scan.affine, [[0, 1.2, 0, 10], [-0.9, 0, 0, -20], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    assert np.array_equal(scan.data, data)
+    assert nib.aff2axcodes(scan.affine) == ("P", "R", "S")
+    assert scan.spacing == pytest.approx((0.9, 1.2, 2.5))
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".seg.nrrd"])
+def test_nrrd_and_metaimage_round_trip_exactly_and_refuse_to_overwrite(tmp_path, suffix):
+    affine = _oblique_affine()
+    data = np.random.default_rng(1).integers(0, 5, (17, 13, 9)).astype(np.uint8)
+    path = write_image(tmp_path / f"mask{suffix}", data, affine)
+    scan = read_image_file(path)
+    assert np.array_equal(scan.data, data) and scan.data.dtype == np.uint8
+    assert np.abs(scan.affine - affine).max() < 1e-9
+    with pytest.raises(DenseMPError, match="exists"):
+        write_image(path, data * 0, affine)
+    assert np.array_equal(read_image_file(path).data, data)  # untouched
+    write_image(path, data * 0, affine, overwrite=True)
+    assert not read_image_file(path).data.any()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_bad_nrrd_and_metaimage_input_is_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken.nrrd").write_bytes(b"NRRD0004\ntype: nonsense\n\n")
+    with pytest.raises(DenseMPError, match=r"Cannot read .*broken.nrrd as NRRD"):
+        read_scan(tmp_path / "broken.nrrd")
+    colour = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True)
+    sitk.WriteImage(colour, str(tmp_path / "colour.mha"))
+    with pytest.raises(DenseMPError, match="3 values per voxel"):
+        read_scan(tmp_path / "colour.mha")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.float32)), str(tmp_path / "flat.nrrd"))
+    assert main([str(tmp_path / "flat.nrrd"), str(tmp_path / "flat.nrrd"), "-o", str(tmp_path / "o.nrrd")]) == 2
+    assert "flat.nrrd is 2D with shape (6, 5); a 3D volume is needed" in capsys.readouterr().err
+    for name in ("out.nhdr", "out.mhd", "out.png"):
+        with pytest.raises(DenseMPError, match=r"\.nrrd|\.mha"):
+            write_image(tmp_path / name, np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # as on an install without the extra
+    with pytest.raises(DenseMPError, match=r"needs SimpleITK: pip install \"napari-densemp\[formats\]\""):
+        read_scan(tmp_path / "colour.mha")
+
+
+def test_cli_reads_nrrd_and_a_cropped_slicer_segmentation_and_writes_nrrd(tmp_path, ct_phantom, capsys):
+    """A scan saved as NRRD, painted in a Slicer-like segmentation saved on a crop of its grid:
+    the same mask as from NIfTI, written with the scan's geometry; an output name of another
+    format is refused before any work."""
+    affine = _oblique_affine()
+    affine[:3, :3] = affine[:3, :3] @ np.diag(np.array(ct_phantom.spacing) / [0.8, 1.1, 3.0])
+    image = ct_phantom.image.astype(np.int16)
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    write_nifti(tmp_path / "ct.nii.gz", image, affine)
+    write_nifti(tmp_path / "painted.nii.gz", painted, affine)
+    write_image(tmp_path / "ct.nrrd", image, affine)
+    low = np.argwhere(painted).min(axis=0) - 2
+    high = np.argwhere(painted).max(axis=0) + 3
+    cropped = affine.copy()
+    cropped[:3, 3] = affine[:3, :3] @ low + affine[:3, 3]
+    write_image(tmp_path / "kidney.seg.nrrd", painted[tuple(slice(a, b) for a, b in zip(low, high))], cropped)
+
+    assert main([str(tmp_path / "ct.nii.gz"), str(tmp_path / "painted.nii.gz"), "-o", str(tmp_path / "a.nii.gz")]) == 0
+    assert main([str(tmp_path / "ct.nrrd"), str(tmp_path / "kidney.seg.nrrd"), "-o", str(tmp_path / "b.nrrd")]) == 0
+    from_nifti, from_nrrd = read_nifti(tmp_path / "a.nii.gz"), read_image_file(tmp_path / "b.nrrd")
+    assert from_nrrd.data.shape == image.shape
+    assert np.array_equal(from_nrrd.data, from_nifti.data)
+    assert np.abs(from_nrrd.affine - read_image_file(tmp_path / "ct.nrrd").affine).max() == 0
+    assert dice(from_nrrd.data.astype(bool), ct_phantom.label == RIGHT_KIDNEY) >= 0.7
+    capsys.readouterr()
+    assert main([str(tmp_path / "ct.nrrd"), str(tmp_path / "kidney.seg.nrrd"), "-o", str(tmp_path / "c.png")]) == 2
+    assert "Output must end in .nii.gz, .nii, .nrrd or .mha" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_folder_lists_every_format_and_answers_each_in_its_own(tmp_path, ct_phantom, other_ct,
+                                                                default_model):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_image(scans / "a.mha", other_ct.image, other_ct.affine)
+    detached = sitk.GetImageFromArray(np.zeros((6, 5, 4), np.int16))
+    sitk.WriteImage(detached, str(scans / "b.mhd"))  # b.mhd + b.raw: one scan
+    sitk.WriteImage(detached, str(scans / "c.nhdr"))  # c.nhdr + c.raw(.gz): one scan
+    write_nifti(scans / "d.nii.gz", np.zeros((6, 5, 4), np.int16), np.eye(4))
+    listed = list_scans(scans)
+    assert [p.name for p in listed] == ["a.mha", "b.mhd", "c.nhdr", "d.nii.gz"]
+    assert [output_path(p, tmp_path).name for p in listed] == ["a.mha", "b.mha", "c.nrrd", "d.nii.gz"]
+
+    painted, _ = paint_largest(ct_phantom.label, LIVER)
+    write_image(tmp_path / "support.nrrd", ct_phantom.image, ct_phantom.affine)
+    write_image(tmp_path / "support_painted.nrrd", painted, ct_phantom.affine)
+    support = Support.from_files(tmp_path / "support.nrrd", tmp_path / "support_painted.nrrd")
+    [row] = segment_folder(support, listed[:1], tmp_path / "out", default_model)
+    assert row.status == "done", row.message
+    result = read_image_file(tmp_path / "out" / "a.mha")
+    assert result.data.shape == other_ct.image.shape
+    assert np.abs(result.affine - other_ct.affine).max() < 1e-9
+    assert dice(result.data.astype(bool), other_ct.label == LIVER) >= 0.5
+
+
+def test_napari_opens_nrrd_and_saves_metaimage_on_the_scans_grid(tmp_path):
+    affine = _oblique_affine()
+    scan = np.random.default_rng(2).normal(0, 100, (20, 24, 9)).astype(np.float32)
+    write_image(tmp_path / "scan.nrrd", scan, affine)
+    reader = get_reader(str(tmp_path / "scan.nrrd"))
+    assert reader is not None
+    [(data, kwargs, kind)] = reader(str(tmp_path / "scan.nrrd"))
+    assert kind == "image" and kwargs["name"] == "scan"
+    assert np.allclose(sorted(kwargs["scale"]), [0.8, 1.1, 3.0])
+    mask = np.zeros(data.shape, dtype=np.uint8)
+    mask[2:6, 3:9, 1:4] = 3
+    [out] = write_labels(str(tmp_path / "mask.mha"), mask, {"metadata": kwargs["metadata"], "name": "m"})
+    saved = read_image_file(out)
+    assert out.endswith("mask.mha") and saved.data.shape == scan.shape
+    assert np.abs(saved.affine - affine).max() < 1e-9
+    [(again, _, kind)] = get_reader(out)(out)
+    assert kind == "labels" and np.array_equal(again, mask)
