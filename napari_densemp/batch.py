@@ -31,7 +31,7 @@ from .engine import (
     walked_axes,
 )
 from .errors import DenseMPError
-from .io import Scan, as_3d, image_stem, is_image_file, mask_on_scan_grid, read_image_file, read_scan, write_image
+from .io import Scan, as_3d, image_stem, is_image_file, read_painting, read_scan, write_image
 from .preprocessing import Modality
 
 SUMMARY_FIELDS = ["scan", "structure", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
@@ -67,9 +67,9 @@ class Support:
 
     @classmethod
     def from_files(cls, image: str | Path, mask: str | Path, label: int | None = None) -> Support:
-        scan, painted = read_scan(image), read_image_file(mask)
+        scan = read_scan(image)
         volume = as_3d(scan.data, image, "support image")
-        binary = mask_on_scan_grid(painted, scan, "support mask", "support image")
+        binary = read_painting(mask, scan, "support mask", "support image")
         return cls(Scan(volume, scan.affine, scan.header, scan.path), binary, label)
 
 
@@ -103,11 +103,17 @@ def list_scans(folder: str | Path, pattern: str = "*") -> list[Path]:
                   if (p.is_file() and is_image_file(p)) or (p.is_dir() and looks_like_dicom_folder(p)))
 
 
-def output_path(scan_path: Path, out_dir: Path) -> Path:
-    """The scan's result in ``out_dir``, named like it and in its format (one file: .nrrd for
-    NRRD, .mha for MetaImage; .nii.gz for NIfTI and DICOM), so it opens beside it in the same tool."""
-    suffix = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}.get(
-        scan_path.suffix.lower(), ".nii.gz") if scan_path.is_file() else ".nii.gz"
+def output_path(scan_path: Path, out_dir: Path, as_nifti: bool = False) -> Path:
+    """The scan's result in ``out_dir``, named like it and in its format, so it opens beside it in
+    the same tool: one file (.nrrd for NRRD, .mha for MetaImage, .nii.gz for NIfTI), a DICOM SEG
+    (.dcm) for a DICOM series; .nii.gz for all when ``as_nifti``."""
+    if as_nifti:
+        suffix = ".nii.gz"
+    elif scan_path.is_dir():
+        suffix = ".dcm"
+    else:
+        suffix = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}.get(scan_path.suffix.lower(),
+                                                                                        ".nii.gz")
     return out_dir / f"{image_stem(scan_path)}{suffix}"
 
 
@@ -182,9 +188,10 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
                    options: PropagationOptions | None = None, overwrite: bool = False,
                    on_scan: Callable[[list[BatchRow]], None] | None = None,
                    cancel: Callable[[], bool] | None = None,
-                   modality: Modality | Literal["auto"] = "auto") -> list[BatchRow]:
+                   modality: Modality | Literal["auto"] = "auto", as_nifti: bool = False) -> list[BatchRow]:
     """Segment the support's structures in every scan: one row per scan (per structure of a scan
-    done), failures included; ``on_scan`` gets each scan's rows as it finishes."""
+    done), failures included; ``on_scan`` gets each scan's rows as it finishes. Results are in
+    each scan's format (:func:`output_path`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {Path(p).resolve() for p in (support.scan.path,) if p is not None}
@@ -194,7 +201,7 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
     for path in scans:
         if cancel is not None and cancel():
             break
-        out = output_path(path, out_dir)
+        out = output_path(path, out_dir, as_nifti)
         start = time.perf_counter()
         if out.resolve() in sources or out.resolve() == Path(path).resolve():
             scan_rows = [BatchRow(path.name, "failed", message="the output would replace an input")]
@@ -205,7 +212,8 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
                 scan = read_scan(path)
                 scan = Scan(as_3d(scan.data, path, "scan"), scan.affine, scan.header, scan.path)
                 values, results = segment_scan(support, scan, model, axis, options, cache, cancel, modality)
-                write_image(out, values, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
+                write_image(out, values, scan.affine, reference=scan.header, overwrite=overwrite, mask=True,
+                            dicom_source=path if path.is_dir() else None)
                 scan_rows = _done_rows(scan, path.name, time.perf_counter() - start, values, results, out)
             except Cancelled:
                 break

@@ -29,9 +29,8 @@ from .errors import DenseMPError
 from .io import (
     as_3d,
     check_writable,
-    mask_on_scan_grid,
-    read_image_file,
     read_nifti,
+    read_painting,
     read_scan,
     write_image,
     write_nifti,
@@ -46,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", nargs="?", type=Path,
                         help="the scan (NIfTI, NRRD or MetaImage file, or DICOM series folder)")
-    parser.add_argument("painted", nargs="?", type=Path, help="mask with the structure painted on 1+ slices")
+    parser.add_argument("painted", nargs="?", type=Path,
+                        help="mask with the structure painted on 1+ slices (a file; or a DICOM SEG for a DICOM series)")
     parser.add_argument("-o", "--out", type=Path,
-                        help="output mask (.nii.gz, .nii, .nrrd or .mha); with --demo, a folder")
+                        help="output mask (.nii.gz, .nii, .nrrd or .mha; .dcm: a DICOM SEG of a DICOM series scan); "
+                             "with --demo, a folder")
     parser.add_argument("--model", default="default",
                         help="'default' (the bundled v3), 'v0' or 'v2' (bundled) or a checkpoint file")
     parser.add_argument("--label", type=int, help="propagate only this painted value (default: every structure "
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--support-mask", type=Path, help="its mask: one painted slice or a whole 3D mask")
     folder.add_argument("--scans", type=Path,
                         help="folder of scans to segment (NIfTI, NRRD, MetaImage files, DICOM folders); each "
-                             "result is written in its scan's format (NIfTI for DICOM)")
+                             "result is written in its scan's format (a DICOM SEG for a DICOM series)")
+    folder.add_argument("--as-nifti", action="store_true", help="write every result as NIfTI (.nii.gz)")
     folder.add_argument("--pattern", default="*", help="which entries of --scans (glob, e.g. 'image_*.nii.gz')")
     folder.add_argument("--shard", help="K/N: only scans whose index modulo N is K (K from 0), for array jobs")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -133,14 +135,13 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     for given in (image_path, painted_path):
         if out_path.resolve() == Path(given).resolve():
             raise DenseMPError(f"The output {out_path} is one of the inputs; choose another output path.")
-    check_writable(out_path)
+    check_writable(out_path, image_path)
     if out_path.exists() and not overwrite:
         raise DenseMPError(f"{out_path} exists; choose another output or pass --overwrite.")
     scan = read_scan(image_path)  # a file or a DICOM series folder
-    mask = read_image_file(painted_path)
     volume = as_3d(scan.data, image_path, "image")
     # label values as integers once: a mask saved as floats (0.9999) is compared by value below
-    painted = integer_painting(mask_on_scan_grid(mask, scan))
+    painted = integer_painting(read_painting(painted_path, scan))
     labels = painted_labels(painted)
     several = label is None and len(labels) > 1
     if axis is None and not several:
@@ -159,7 +160,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
             out, results = result.mask.astype(np.uint8), {labels[0] if label is None else label: result}
     finally:
         close()
-    write_image(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True)
+    write_image(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True,
+                dicom_source=image_path)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
@@ -244,7 +246,7 @@ def run_folder(args: argparse.Namespace) -> int:
     try:
         rows = segment_folder(support, scans, out_dir, model, axis,
                               model.default_options(**_mirror(args.mirror_average), **_outlines(args.keep_outlines)),
-                              overwrite=args.overwrite, on_scan=done, modality=args.modality)
+                              overwrite=args.overwrite, on_scan=done, modality=args.modality, as_nifti=args.as_nifti)
     finally:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"

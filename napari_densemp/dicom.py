@@ -2,7 +2,8 @@
 
 Slices are sorted by their position along the slice normal, not by file name or instance
 number (both are unreliable across vendors); the affine is built from the headers in the
-NIfTI convention (RAS mm), so DICOM and NIfTI scans flow through the same code.
+NIfTI convention (RAS mm), so DICOM and NIfTI scans flow through the same code. A result goes
+back as a DICOM SEG that refers to the series' images (:func:`write_dicom_seg`, highdicom).
 """
 
 from __future__ import annotations
@@ -200,3 +201,93 @@ def _read_multi_frame(path: Path, folder: Path) -> Scan:
         slices.append(pixels[i] * slope + intercept)
     spacing = value(frames[0], "PixelMeasuresSequence", "PixelSpacing")
     return _scan(slices, spacing, positions[order], along_row, along_column, folder)
+
+
+# Type 2 attributes that a DICOM SEG copies from its source images; de-identified series often
+# drop them, and they may be written empty.
+_COPIED_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
+                  "AccessionNumber", "ReferringPhysicianName")
+
+
+def write_dicom_seg(path: str | os.PathLike, mask: np.ndarray, source: str | os.PathLike,
+                    overwrite: bool = False) -> Path:
+    """``mask`` (on the grid :func:`read_dicom_series` reads ``source`` to) as a DICOM Segmentation
+    (highdicom, with the [dicom] extra) that refers to each source image it covers, so that a PACS
+    viewer or a treatment planning system shows it on the series it was made from. Each label value
+    becomes a segment named after it (an empty mask, one empty segment); written atomically, never
+    over an existing file unless ``overwrite``.
+    """
+    from . import __version__
+    from .atomic import write_atomically
+
+    try:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+    except ImportError:
+        raise DenseMPError('Writing a DICOM SEG needs highdicom: pip install "napari-densemp[dicom]".') from None
+    path, folder = Path(path), Path(source)
+    if path.exists() and not overwrite:
+        raise DenseMPError(f"{path} exists; choose another output or pass --overwrite.")
+    series, multi_frame = _collect(folder)
+    if not series and multi_frame:
+        raise DenseMPError(f"{folder} holds a multi-frame (enhanced) image: its result is written as NIfTI "
+                           f"(.nii.gz), not as a DICOM SEG.")
+    files, positions, first, _, _ = _sorted_series(folder, series)
+    expected = (int(first.Columns), int(first.Rows), len(files))
+    if mask.shape != expected:
+        raise DenseMPError(f"The mask's shape {mask.shape} is not that of the DICOM series in {folder} {expected}.")
+    values = [int(v) for v in np.unique(mask) if v] or [1]  # a structure not found: one empty segment
+    numbers = np.zeros(max(values) + 1, dtype=np.uint16)
+    numbers[values] = np.arange(1, len(values) + 1)  # label values -> segment numbers 1..N
+    sources = [ds for _, ds in files]
+    for ds in sources:
+        for keyword in _COPIED_TYPE_2:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if "SliceThickness" not in ds:  # the SEG's frames are as thick as the series' slice gap
+            ds.SliceThickness = float(np.linalg.norm(positions[1] - positions[0]))
+    algorithm = hd.AlgorithmIdentificationSequence(name="napari-densemp", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segments = [hd.seg.SegmentDescription(segment_number=i + 1, segment_label=f"label {value}",
+                                          segmented_property_category=codes.SCT.AnatomicalStructure,
+                                          segmented_property_type=codes.SCT.AnatomicalStructure,
+                                          algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+                                          algorithm_identification=algorithm)
+                for i, value in enumerate(values)]
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=numbers[np.asarray(mask, dtype=np.int64)].transpose(2, 1, 0),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+            series_instance_uid=hd.UID(), series_number=int(getattr(first, "SeriesNumber", 0) or 0) + 1000,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="napari-densemp",
+            manufacturer_model_name="napari-densemp DenseMP", software_versions=algorithm[0].AlgorithmVersion,
+            device_serial_number="none", series_description="DenseMP one-shot segmentation")
+    except (AttributeError, ValueError, TypeError) as exc:  # a source header lacking what a SEG must refer to
+        raise DenseMPError(f"Cannot write a DICOM SEG for the series in {folder}: {exc}") from None
+    return write_atomically(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True), suffix=".dcm")
+
+
+def read_dicom_seg(path: str | os.PathLike, source: str | os.PathLike) -> np.ndarray:
+    """A DICOM SEG made on the series in folder ``source`` (a painting saved from a PACS viewer or
+    from Slicer) on the grid :func:`read_dicom_series` reads it to, each segment as its segment
+    number. Its frames are placed by the source images they refer to, so nothing is resampled."""
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise DenseMPError('Reading a DICOM SEG needs highdicom: pip install "napari-densemp[dicom]".') from None
+    path, folder = Path(path), Path(source)
+    if not folder.is_dir():
+        raise DenseMPError(f"The DICOM SEG {path.name} can be read only with the DICOM series folder it was made "
+                           f"on as the scan.")
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:  # not a file, not DICOM, or not a Segmentation
+        raise DenseMPError(f"Cannot read {path} as a DICOM SEG: {exc}") from None
+    files, *_ = _sorted_series(folder)
+    uids = [str(ds.SOPInstanceUID) for _, ds in files]
+    try:
+        frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise DenseMPError(f"The DICOM SEG {path.name} does not lie on the images of the series in {folder}: "
+                           f"{exc}") from None
+    return np.ascontiguousarray(np.asarray(frames).transpose(2, 1, 0))  # (slices, rows, columns) -> stored grid

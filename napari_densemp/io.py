@@ -127,6 +127,18 @@ def mask_on_scan_grid(mask: Scan, scan: Scan, mask_name: str = "painted mask",
                        f"a part of it: its affine differs. Resample the mask onto the {scan_name} first.")
 
 
+def read_painting(path: str | os.PathLike, scan: Scan, mask_name: str = "painted mask",
+                  scan_name: str = "image") -> np.ndarray:
+    """A painting file on the scan's voxel grid: a NIfTI, NRRD or MetaImage mask placed by
+    :func:`mask_on_scan_grid`, or a DICOM SEG (``.dcm``) placed by the images of the scan's DICOM
+    series that its frames refer to (each segment as its number)."""
+    if is_dicom_seg_name(path):
+        from .dicom import read_dicom_seg
+
+        return read_dicom_seg(path, scan.path if scan.path is not None else "")
+    return mask_on_scan_grid(read_image_file(path), scan, mask_name, scan_name)
+
+
 def _placed_on_grid(data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], scan_affine: np.ndarray,
                     mask_name: str, scan_name: str) -> np.ndarray | None:
     """``data`` put on the scan's grid when its voxels are some of the scan's (same voxel axes,
@@ -225,17 +237,33 @@ def _zero_voxel_axes(path: Path | None, header: nib.Nifti1Header) -> list[int]:
     return [axis for axis in range(3) if float(raw["pixdim"][axis + 1]) == 0]
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """An output name of a format this package writes, or an error saying which it writes."""
+def is_dicom_seg_name(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(".dcm")
+
+
+def check_writable(path: str | os.PathLike, dicom_source: str | os.PathLike | None = None) -> None:
+    """An output name of a format this package writes, or an error saying which it writes. A DICOM
+    SEG (.dcm) refers to the images it segments, so it is written only for a DICOM series scan."""
+    if is_dicom_seg_name(path):
+        if dicom_source is None or not Path(dicom_source).is_dir():
+            raise DenseMPError(f"{path}: a DICOM SEG (.dcm) is written only for a scan given as a DICOM series "
+                               f"folder, whose images it refers to; choose .nii.gz, .nii, .nrrd or .mha.")
+        return
     if not str(path).lower().endswith(WRITABLE_SUFFIXES):
-        raise DenseMPError(f"Output must end in .nii.gz, .nii, .nrrd or .mha: {path}")
+        raise DenseMPError(f"Output must end in .nii.gz, .nii, .nrrd or .mha (or .dcm for a DICOM series): {path}")
 
 
 def write_image(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
-                reference: nib.Nifti1Header | None = None, overwrite: bool = False, mask: bool = False) -> Path:
-    """:func:`write_nifti`, or NRRD / MetaImage for a ``.nrrd`` / ``.mha`` name (``affine`` alone
-    places the voxels there; ``reference`` and ``mask`` are NIfTI header fields)."""
-    check_writable(path)
+                reference: nib.Nifti1Header | None = None, overwrite: bool = False, mask: bool = False,
+                dicom_source: str | os.PathLike | None = None) -> Path:
+    """:func:`write_nifti`; NRRD / MetaImage for a ``.nrrd`` / ``.mha`` name (``affine`` alone
+    places the voxels there; ``reference`` and ``mask`` are NIfTI header fields); a DICOM SEG for a
+    ``.dcm`` name, referring to the images of ``dicom_source``, the DICOM folder ``data`` was read from."""
+    check_writable(path, dicom_source)
+    if is_dicom_seg_name(path):
+        from .dicom import write_dicom_seg
+
+        return write_dicom_seg(path, data, dicom_source, overwrite)
     if not is_itk_file(path):
         return write_nifti(path, data, affine, reference, overwrite, mask)
     if Path(path).exists() and not overwrite:

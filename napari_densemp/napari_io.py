@@ -71,9 +71,16 @@ def _is_label_map(data: np.ndarray) -> bool:
     return bool(values.size <= MAX_LABEL_VALUES and values.min() >= 0 and values.max() < 2**31)
 
 
+def mask_metadata(image_metadata: dict) -> dict:
+    """The metadata a mask layer drawn on an image layer carries: the scan's stored geometry (to be
+    saved on its grid) and its source (a DICOM series a DICOM SEG refers to)."""
+    return {k: v for k, v in image_metadata.items() if k in (METADATA_KEY, "source")}
+
+
 # --------------------------------------------------------------------------- writer
 def write_labels(path: str, data: np.ndarray, attributes: dict) -> list[str]:
-    """Labels layer -> NIfTI (or NRRD, MetaImage by name) on the source scan's grid with its affine.
+    """Labels layer -> NIfTI (or NRRD, MetaImage by name) on the source scan's grid with its affine;
+    ``.dcm``: a DICOM SEG on the images of the DICOM series the layer's scan was read from.
 
     napari's save dialog has already asked before replacing a file; the write is atomic.
     """
@@ -89,11 +96,13 @@ def write_labels(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     else:
         stored = geometry.stored(np.asarray(data))
         affine = geometry.affine
-    if not path.lower().endswith(WRITABLE_SUFFIXES):
+    if not path.lower().endswith((*WRITABLE_SUFFIXES, ".dcm")):
         path = f"{path}.nii.gz"
     values_max = int(stored.max()) if stored.size else 0
     dtype = np.uint8 if values_max <= 255 else np.int32
-    return [str(write_image(path, stored.astype(dtype), affine, reference, overwrite=True, mask=True))]
+    source = (attributes.get("metadata") or {}).get("source") or None
+    return [str(write_image(path, stored.astype(dtype), affine, reference, overwrite=True, mask=True,
+                            dicom_source=source))]
 
 
 # --------------------------------------------------------------------------- sample data

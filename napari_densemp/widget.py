@@ -31,7 +31,8 @@ from magicgui.widgets import (
 from qtpy.QtCore import QObject, Qt, Signal
 
 from .errors import DenseMPError
-from .io import METADATA_KEY, Geometry, painting_on_image
+from .io import Geometry, painting_on_image
+from .napari_io import mask_metadata
 from .painting import tiny_painting_tip
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ class OneShotWidget(Container):
         if image is None or image.ndim != 3 or getattr(image, "rgb", False):
             self._notify_error("Choose a 3D image layer first; the painting layer takes its grid.")
             return
-        metadata = {k: v for k, v in image.metadata.items() if k == METADATA_KEY}
+        metadata = mask_metadata(image.metadata)
         layer = Labels(np.zeros(image.data.shape, dtype=np.uint8), name=f"{image.name} painted", scale=image.scale,
                        translate=image.translate, metadata=metadata, opacity=0.7)
         self.viewer.add_layer(layer)
@@ -541,7 +542,7 @@ class OneShotWidget(Container):
         own = self._own_results.get(key)
         if own is not None and own in self.viewer.layers and _digest(own.data) == self._written.get(id(own)):
             return own, False
-        metadata = {k: v for k, v in image.metadata.items() if k == METADATA_KEY}
+        metadata = mask_metadata(image.metadata)
         name = f"{image.name} {label} propagated" if label else f"{image.name} propagated"
         layer = Labels(np.zeros(shape, dtype=np.uint8), name=name,
                        scale=image.scale, translate=image.translate, metadata=metadata, opacity=0.5)
@@ -612,7 +613,7 @@ class OneShotWidget(Container):
             if values is None:
                 lines.append(f"'{layer.name}': failed: {message}")
                 continue
-            metadata = {k: v for k, v in layer.metadata.items() if k == METADATA_KEY}
+            metadata = mask_metadata(layer.metadata)
             which = f" {next(iter(found))}" if len(found) == 1 else ""
             new = Labels(values, scale=layer.scale, translate=layer.translate, metadata=metadata, opacity=0.5,
                          name=f"{layer.name}{which} like {request.image_layer.name}")

@@ -1,4 +1,5 @@
-"""NRRD and MetaImage scans and masks: read and written with exactly the geometry NIfTI would carry."""
+"""Formats beyond NIfTI: NRRD and MetaImage scans and masks, read and written with exactly the
+geometry NIfTI would carry, and results for a DICOM series as a DICOM SEG on its images."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 from napari_densemp.batch import Support, list_scans, output_path, segment_folder
 from napari_densemp.cli import main
 from napari_densemp.errors import DenseMPError
-from napari_densemp.io import read_image_file, read_nifti, read_scan, write_image, write_nifti
+from napari_densemp.io import Geometry, read_image_file, read_nifti, read_scan, write_image, write_nifti
 from napari_densemp.itk_formats import affine_from_itk
-from napari_densemp.napari_io import get_reader, write_labels
+from napari_densemp.napari_io import get_reader, mask_metadata, write_labels
 from src_data.phantoms import LIVER, RIGHT_KIDNEY
 
 from .conftest import dice, paint_largest
@@ -122,7 +123,7 @@ def test_cli_reads_nrrd_and_a_cropped_slicer_segmentation_and_writes_nrrd(tmp_pa
     assert dice(from_nrrd.data.astype(bool), ct_phantom.label == RIGHT_KIDNEY) >= 0.7
     capsys.readouterr()
     assert main([str(tmp_path / "ct.nrrd"), str(tmp_path / "kidney.seg.nrrd"), "-o", str(tmp_path / "c.png")]) == 2
-    assert "Output must end in .nii.gz, .nii, .nrrd or .mha" in capsys.readouterr().err
+    assert "Output must end in .nii.gz, .nii, .nrrd or .mha (or .dcm" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
 
 
@@ -138,6 +139,8 @@ def test_folder_lists_every_format_and_answers_each_in_its_own(tmp_path, ct_phan
     listed = list_scans(scans)
     assert [p.name for p in listed] == ["a.mha", "b.mhd", "c.nhdr", "d.nii.gz"]
     assert [output_path(p, tmp_path).name for p in listed] == ["a.mha", "b.mha", "c.nrrd", "d.nii.gz"]
+    assert [output_path(p, tmp_path, as_nifti=True).name for p in listed] == [f"{n}.nii.gz" for n in "abcd"]
+    assert output_path(tmp_path, tmp_path / "out").name == f"{tmp_path.name}.dcm"  # a DICOM series folder
 
     painted, _ = paint_largest(ct_phantom.label, LIVER)
     write_image(tmp_path / "support.nrrd", ct_phantom.image, ct_phantom.affine)
@@ -168,3 +171,91 @@ def test_napari_opens_nrrd_and_saves_metaimage_on_the_scans_grid(tmp_path):
     assert np.abs(saved.affine - affine).max() < 1e-9
     [(again, _, kind)] = get_reader(out)(out)
     assert kind == "labels" and np.array_equal(again, mask)
+
+
+def _seg_on_series(seg_path, series_folder) -> np.ndarray:
+    """A DICOM SEG read back onto the series' grid, each segment as the value its label names."""
+    hd = pytest.importorskip("highdicom")
+    from napari_densemp.dicom import _sorted_series
+
+    seg = hd.seg.segread(str(seg_path))
+    files = _sorted_series(series_folder)[0]
+    uids = [ds.SOPInstanceUID for _, ds in files]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
+    values = np.zeros(len(seg.SegmentSequence) + 1, dtype=np.int32)
+    for item in seg.SegmentSequence:
+        values[item.SegmentNumber] = int(item.SegmentLabel.split()[-1])
+    return values[frames].transpose(2, 1, 0)  # (slices, rows, columns) -> (columns, rows, slices)
+
+
+def test_a_dicom_seg_refers_each_slice_to_its_source_image(tmp_path):
+    pytest.importorskip("highdicom")
+    from napari_densemp.dicom import read_dicom_series, write_dicom_seg
+
+    from .test_napari_io import _write_dicom_series
+
+    _write_dicom_series(tmp_path / "series", np.zeros((12, 10, 6), np.float32))  # files in shuffled order
+    scan = read_dicom_series(tmp_path / "series")
+    mask = np.zeros(scan.data.shape, np.uint8)
+    mask[2:5, 3:7, 1:4] = 2
+    mask[6:9, 1:3, 2] = 5
+    path = write_dicom_seg(tmp_path / "mask.dcm", mask, tmp_path / "series")
+    assert np.array_equal(_seg_on_series(path, tmp_path / "series"), mask)
+    import pydicom
+
+    seg = pydicom.dcmread(path)
+    assert seg.Modality == "SEG" and seg.PatientID == "PHANTOM-11"
+    assert seg.FrameOfReferenceUID == pydicom.dcmread(next((tmp_path / "series").iterdir())).FrameOfReferenceUID
+    assert int(seg.NumberOfFrames) == 4  # frames with a segment on them: 3 slices of 2, 1 of 5
+    with pytest.raises(DenseMPError, match="exists"):
+        write_dicom_seg(path, mask, tmp_path / "series")
+    empty = write_dicom_seg(tmp_path / "empty.dcm", np.zeros_like(mask), tmp_path / "series")
+    assert not _seg_on_series(empty, tmp_path / "series").any()  # not found: one empty segment
+    with pytest.raises(DenseMPError, match="shape"):
+        write_dicom_seg(tmp_path / "other.dcm", mask[:, :, :3], tmp_path / "series")
+    # napari: a labels layer drawn on the series' layer, saved as .dcm
+    [(image, kwargs, _)] = get_reader(str(tmp_path / "series"))(str(tmp_path / "series"))
+    drawn = np.zeros(image.shape, np.uint8)
+    drawn[1:3, 2:6, 4:9] = 1
+    [saved] = write_labels(str(tmp_path / "drawn.dcm"), drawn, {"metadata": mask_metadata(kwargs["metadata"])})
+    stored = Geometry.from_metadata(kwargs["metadata"]).stored(drawn)
+    assert np.array_equal(_seg_on_series(saved, tmp_path / "series"), stored) and stored.sum() == 2 * 4 * 5
+    for file in (tmp_path / "series").iterdir():  # a header without what a SEG must refer to
+        ds = pydicom.dcmread(file)
+        del ds.FrameOfReferenceUID
+        ds.save_as(file)
+    with pytest.raises(DenseMPError, match="Cannot write a DICOM SEG for the series"):
+        write_dicom_seg(tmp_path / "broken.dcm", mask, tmp_path / "series")
+    assert not (tmp_path / "broken.dcm").exists()
+
+
+def test_cli_answers_a_dicom_series_with_a_dicom_seg(tmp_path, ct_phantom, capsys):
+    pytest.importorskip("highdicom")
+    from napari_densemp.dicom import read_dicom_series
+
+    from .test_napari_io import _write_dicom_series
+
+    _write_dicom_series(tmp_path / "series", ct_phantom.image, spacing=ct_phantom.spacing[:2],
+                        gap=ct_phantom.spacing[2])
+    scan = read_dicom_series(tmp_path / "series")
+    painted, _ = paint_largest(ct_phantom.label, RIGHT_KIDNEY)
+    painted_path = write_nifti(tmp_path / "painted.nii.gz", painted, scan.affine)
+    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "kidney.dcm")]) == 0
+    found = _seg_on_series(tmp_path / "kidney.dcm", tmp_path / "series")
+    assert found.shape == ct_phantom.image.shape and set(np.unique(found)) == {0, 1}
+    assert dice(found.astype(bool), ct_phantom.label == RIGHT_KIDNEY) >= 0.7
+    # painted in a PACS viewer and saved as a DICOM SEG on the series: the same result
+    from napari_densemp.dicom import write_dicom_seg
+
+    seg_painting = write_dicom_seg(tmp_path / "painting.dcm", painted, tmp_path / "series")
+    assert main([str(tmp_path / "series"), str(seg_painting), "-o", str(tmp_path / "again.nii.gz")]) == 0
+    assert np.array_equal(read_nifti(tmp_path / "again.nii.gz").data, found)
+    capsys.readouterr()
+    assert main([str(tmp_path / "series"), str(tmp_path / "kidney.dcm"), "-o", str(tmp_path / "x.nii.gz"),
+                 "--label", "3"]) == 2  # a SEG painting's values are its segment numbers: 1 here
+    _write_dicom_series(tmp_path / "other", ct_phantom.image, spacing=ct_phantom.spacing[:2],
+                        gap=ct_phantom.spacing[2])
+    assert main([str(tmp_path / "other"), str(seg_painting), "-o", str(tmp_path / "y.nii.gz")]) == 2
+    assert "does not lie on the images of the series" in capsys.readouterr().err
+    assert main([str(tmp_path / "painted.nii.gz"), str(painted_path), "-o", str(tmp_path / "k.dcm")]) == 2
+    assert "a DICOM SEG (.dcm) is written only for a scan given as a DICOM series folder" in capsys.readouterr().err

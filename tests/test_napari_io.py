@@ -142,7 +142,7 @@ def _write_dicom_series(folder, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
-    series = generate_uid()
+    series, study, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     n = volume_crs.shape[2]
     order = np.random.default_rng(3).permutation(n) if shuffle else np.arange(n)
     for file_index, k in enumerate(order):
@@ -153,7 +153,8 @@ def _write_dicom_series(folder, volume_crs: np.ndarray, spacing=(0.7, 0.9), gap=
         ds = FileDataset(str(folder / f"{number or ''}f{file_index:03d}.dcm"), {}, file_meta=meta,
                          preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID = series
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.FrameOfReferenceUID = series, study, frame_of_reference
+        ds.PatientName, ds.PatientID = "Phantom^Eleven", "PHANTOM-11"
         if number is not None:
             ds.SeriesNumber, ds.SeriesDescription = number, description
         ds.Modality = "CT"
