@@ -29,6 +29,7 @@ from .errors import DenseMPError
 from .io import (
     as_3d,
     check_writable,
+    is_dicom_name,
     read_nifti,
     read_painting,
     read_scan,
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a painted slice that is a closed outline (its unpainted inside at least as large "
                              "as what is painted) is filled, its inside taken as the structure, unless this is "
                              "given: for a ring-shaped structure with a wide hole")
+    parser.add_argument("--rtstruct", action="store_true",
+                        help="a DICOM series' result (.dcm) as an RT Structure Set, the contours treatment planning "
+                             "systems import, instead of a DICOM SEG")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
@@ -121,7 +125,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
                  label: int | None = None, axis: int | None = None, modality: str = "auto", device: str = "auto",
                  between_painted: bool = False, overwrite: bool = False,
                  mirror_average: bool | None = None, intensity_band: bool | None = None,
-                 keep_outlines: bool = False, precision: str = "auto") -> dict:
+                 keep_outlines: bool = False, precision: str = "auto", rtstruct: bool = False) -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`), each
@@ -136,6 +140,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
         if out_path.resolve() == Path(given).resolve():
             raise DenseMPError(f"The output {out_path} is one of the inputs; choose another output path.")
     check_writable(out_path, image_path)
+    if rtstruct and not is_dicom_name(out_path):
+        raise DenseMPError(f"--rtstruct writes a .dcm output; {out_path} is not one.")
     if out_path.exists() and not overwrite:
         raise DenseMPError(f"{out_path} exists; choose another output or pass --overwrite.")
     scan = read_scan(image_path)  # a file or a DICOM series folder
@@ -161,7 +167,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     finally:
         close()
     write_image(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True,
-                dicom_source=image_path)
+                dicom_source=image_path, rtstruct=rtstruct)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
@@ -246,7 +252,8 @@ def run_folder(args: argparse.Namespace) -> int:
     try:
         rows = segment_folder(support, scans, out_dir, model, axis,
                               model.default_options(**_mirror(args.mirror_average), **_outlines(args.keep_outlines)),
-                              overwrite=args.overwrite, on_scan=done, modality=args.modality, as_nifti=args.as_nifti)
+                              overwrite=args.overwrite, on_scan=done, modality=args.modality, as_nifti=args.as_nifti,
+                              rtstruct=args.rtstruct)
     finally:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"
@@ -306,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite,
-                               args.mirror_average, args.intensity_band, args.keep_outlines, args.precision)
+                               args.mirror_average, args.intensity_band, args.keep_outlines, args.precision,
+                               args.rtstruct)
         structures = summary["structures"]
         for value, structure in structures.items():
             rng = structure["slice_range"]

@@ -209,6 +209,30 @@ _COPIED_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", 
                   "AccessionNumber", "ReferringPhysicianName")
 
 
+def _series_of_result(path: Path, mask: np.ndarray, source: str | os.PathLike, overwrite: bool, what: str):
+    """The sorted series a result for ``source`` refers to (as :func:`_sorted_series`), once the
+    output may be written and the mask lies on the series' grid."""
+    folder = Path(source)
+    if path.exists() and not overwrite:
+        raise DenseMPError(f"{path} exists; choose another output or pass --overwrite.")
+    series, multi_frame = _collect(folder)
+    if not series and multi_frame:
+        raise DenseMPError(f"{folder} holds a multi-frame (enhanced) image; {what} is written for series of "
+                           f"single-frame images only: write its result as NIfTI (.nii.gz; in a folder run, "
+                           f"--as-nifti).")
+    found = _sorted_series(folder, series)
+    files, first = found[0], found[2]
+    expected = (int(first.Columns), int(first.Rows), len(files))
+    if mask.shape != expected:
+        raise DenseMPError(f"The mask's shape {mask.shape} is not that of the DICOM series in {folder} {expected}.")
+    return found
+
+
+def _result_series_number(first) -> int:
+    """The source series' number + 1000: listed beside it, and told apart from it, in a viewer."""
+    return int(getattr(first, "SeriesNumber", 0) or 0) + 1000
+
+
 def write_dicom_seg(path: str | os.PathLike, mask: np.ndarray, source: str | os.PathLike,
                     overwrite: bool = False) -> Path:
     """``mask`` (on the grid :func:`read_dicom_series` reads ``source`` to) as a DICOM Segmentation
@@ -225,17 +249,8 @@ def write_dicom_seg(path: str | os.PathLike, mask: np.ndarray, source: str | os.
         from pydicom.sr.codedict import codes
     except ImportError:
         raise DenseMPError('Writing a DICOM SEG needs highdicom: pip install "napari-densemp[dicom]".') from None
-    path, folder = Path(path), Path(source)
-    if path.exists() and not overwrite:
-        raise DenseMPError(f"{path} exists; choose another output or pass --overwrite.")
-    series, multi_frame = _collect(folder)
-    if not series and multi_frame:
-        raise DenseMPError(f"{folder} holds a multi-frame (enhanced) image: its result is written as NIfTI "
-                           f"(.nii.gz), not as a DICOM SEG.")
-    files, positions, first, _, _ = _sorted_series(folder, series)
-    expected = (int(first.Columns), int(first.Rows), len(files))
-    if mask.shape != expected:
-        raise DenseMPError(f"The mask's shape {mask.shape} is not that of the DICOM series in {folder} {expected}.")
+    path = Path(path)
+    files, positions, first, _, _ = _series_of_result(path, mask, source, overwrite, "a DICOM SEG")
     values = [int(v) for v in np.unique(mask) if v] or [1]  # a structure not found: one empty segment
     numbers = np.zeros(max(values) + 1, dtype=np.uint16)
     numbers[values] = np.arange(1, len(values) + 1)  # label values -> segment numbers 1..N
@@ -258,12 +273,12 @@ def write_dicom_seg(path: str | os.PathLike, mask: np.ndarray, source: str | os.
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=numbers[np.asarray(mask, dtype=np.int64)].transpose(2, 1, 0),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
-            series_instance_uid=hd.UID(), series_number=int(getattr(first, "SeriesNumber", 0) or 0) + 1000,
+            series_instance_uid=hd.UID(), series_number=_result_series_number(first),
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="napari-densemp",
             manufacturer_model_name="napari-densemp DenseMP", software_versions=algorithm[0].AlgorithmVersion,
             device_serial_number="none", series_description="DenseMP one-shot segmentation")
     except (AttributeError, ValueError, TypeError) as exc:  # a source header lacking what a SEG must refer to
-        raise DenseMPError(f"Cannot write a DICOM SEG for the series in {folder}: {exc}") from None
+        raise DenseMPError(f"Cannot write a DICOM SEG for the series in {source}: {exc}") from None
     return write_atomically(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True), suffix=".dcm")
 
 
@@ -291,3 +306,156 @@ def read_dicom_seg(path: str | os.PathLike, source: str | os.PathLike) -> np.nda
         raise DenseMPError(f"The DICOM SEG {path.name} does not lie on the images of the series in {folder}: "
                            f"{exc}") from None
     return np.ascontiguousarray(np.asarray(frames).transpose(2, 1, 0))  # (slices, rows, columns) -> stored grid
+
+
+def _copied_study(first, into) -> None:
+    """The patient and study a result derived from a series belongs to (type 2 fields empty when
+    the series lacks them, as de-identified series often do)."""
+    for keyword in (*_COPIED_TYPE_2, "StudyInstanceUID"):
+        setattr(into, keyword, getattr(first, keyword, ""))
+
+
+def _planar_contours(plane: np.ndarray) -> list[np.ndarray]:
+    """Closed outlines of a binary (columns, rows) slice as (N, 2) column and row indices, traced
+    half-way between pixel centres, so that the pixels whose centres lie inside an odd number of
+    them (the even-odd rule radiotherapy systems read holes by) are exactly the painted ones."""
+    from skimage import measure
+
+    outlines = measure.find_contours(np.pad(plane, 1).astype(np.float32), 0.5)
+    return [outline[:-1] - 1 for outline in outlines if len(outline) > 3]  # the repeated closing point dropped
+
+
+def write_rtstruct(path: str | os.PathLike, mask: np.ndarray, source: str | os.PathLike,
+                   overwrite: bool = False) -> Path:
+    """``mask`` (on the grid :func:`read_dicom_series` reads ``source`` to) as a DICOM RT Structure
+    Set, the form treatment planning systems import contours in: each label value an ROI of closed
+    planar contours in patient coordinates, each contour referring to the image it lies on.
+    Written atomically, never over an existing file unless ``overwrite``."""
+    import datetime
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+
+    from . import __version__
+    from .atomic import write_atomically
+
+    path, folder = Path(path), Path(source)
+    files, positions, first, along_row, along_column = _series_of_result(path, mask, folder, overwrite,
+                                                                         "an RT Structure Set")
+    missing = [k for k in ("FrameOfReferenceUID", "StudyInstanceUID") if not getattr(first, k, "")]
+    if missing:
+        raise DenseMPError(f"Cannot write an RT Structure Set for the series in {folder}: its images give no "
+                           f"{' or '.join(missing)}, which contours must refer to.")
+    row_mm, column_mm = (float(v) for v in first.PixelSpacing)  # between rows, between columns
+    now = datetime.datetime.now()
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTStructureSetStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = RTStructureSetStorage, meta.MediaStorageSOPInstanceUID
+    _copied_study(first, ds)
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), _result_series_number(first)
+    ds.SeriesDescription = "DenseMP one-shot segmentation"
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "napari-densemp", "napari-densemp", __version__
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = "DenseMP"
+    ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+    def image_reference(image) -> Dataset:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = image.SOPClassUID, image.SOPInstanceUID
+        return item
+
+    referenced_series = Dataset()
+    referenced_series.SeriesInstanceUID = first.SeriesInstanceUID
+    referenced_series.ContourImageSequence = [image_reference(image) for _, image in files]
+    referenced_study = Dataset()
+    referenced_study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Study Component Management, by convention
+    referenced_study.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    referenced_study.RTReferencedSeriesSequence = [referenced_series]
+    frame = Dataset()
+    frame.FrameOfReferenceUID = first.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = [referenced_study]
+    ds.ReferencedFrameOfReferenceSequence = [frame]
+
+    ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence = [], [], []
+    colours = [(255, 80, 80), (80, 200, 80), (80, 120, 255), (240, 200, 40), (200, 80, 220), (60, 200, 220)]
+    for number, value in enumerate((int(v) for v in np.unique(mask) if v), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, first.FrameOfReferenceUID
+        roi.ROIName, roi.ROIGenerationAlgorithm = f"label {value}", "SEMIAUTOMATIC"
+        ds.StructureSetROISequence.append(roi)
+        contours = []
+        for k in np.flatnonzero((mask == value).any(axis=(0, 1))):
+            for outline in _planar_contours(mask[:, :, k] == value):
+                points = (positions[k] + np.outer(outline[:, 0] * column_mm, along_row)
+                          + np.outer(outline[:, 1] * row_mm, along_column))
+                contour = Dataset()
+                contour.ContourImageSequence = [image_reference(files[k][1])]
+                contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+                contour.ContourData = [f"{v:.4f}" for v in points.ravel()]
+                contours.append(contour)
+        item = Dataset()
+        item.ReferencedROINumber, item.ROIDisplayColor = number, list(colours[(number - 1) % len(colours)])
+        item.ContourSequence = contours
+        ds.ROIContourSequence.append(item)
+        observation = Dataset()
+        observation.ObservationNumber, observation.ReferencedROINumber = number, number
+        observation.RTROIInterpretedType, observation.ROIInterpreter = "ORGAN", ""
+        ds.RTROIObservationsSequence.append(observation)
+    return write_atomically(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True), suffix=".dcm")
+
+
+def read_rtstruct(path: str | os.PathLike, source: str | os.PathLike) -> np.ndarray:
+    """An RT Structure Set's ROIs on the grid :func:`read_dicom_series` reads the series in
+    ``source`` to, each ROI as its number: its closed planar contours filled on the slices they lie
+    on, holes by the even-odd rule (a pixel is inside when its centre is inside an odd number of
+    the slice's contours)."""
+    from skimage.draw import polygon
+
+    path, folder = Path(path), Path(source)
+    files, positions, first, along_row, along_column = _sorted_series(folder)
+    row_mm, column_mm = (float(v) for v in first.PixelSpacing)
+    normal = np.cross(along_row, along_column)
+    heights = positions @ normal
+    try:
+        ds = pydicom.dcmread(path)
+        rois = [(int(item.ReferencedROINumber), list(getattr(item, "ContourSequence", [])))
+                for item in ds.ROIContourSequence]
+    except Exception as exc:
+        raise DenseMPError(f"Cannot read {path} as an RT Structure Set: {exc}") from None
+    mask = np.zeros((int(first.Columns), int(first.Rows), len(files)), dtype=np.int32)
+    for number, contours in rois:
+        inside = np.zeros(mask.shape, dtype=bool)
+        for contour in contours:
+            points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+            height = float((points @ normal).mean())
+            k = int(np.argmin(np.abs(heights - height)))
+            if abs(heights[k] - height) > 0.25 * float(np.diff(heights).min()):
+                raise DenseMPError(f"A contour of ROI {number} in {path.name} lies off the slices of the series in "
+                                   f"{folder} ({height:.2f} mm along the slice normal): was it drawn on this series?")
+            offsets = points - positions[k]
+            columns, rows = offsets @ along_row / column_mm, offsets @ along_column / row_mm
+            filled = np.zeros(mask.shape[:2], dtype=bool)
+            filled[polygon(columns, rows, shape=mask.shape[:2])] = True
+            inside[:, :, k] ^= filled
+        mask[inside] = number
+    return mask
+
+
+def read_dicom_painting(path: str | os.PathLike, source: str | os.PathLike) -> np.ndarray:
+    """A painting saved as a DICOM SEG or an RT Structure Set on the series in ``source``, on its grid."""
+    if pydicom is None:
+        raise DenseMPError('Reading DICOM needs pydicom: pip install "napari-densemp[dicom]".')
+    try:
+        modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", ""))
+    except Exception as exc:
+        raise DenseMPError(f"Cannot read {path} as DICOM: {exc}") from None
+    if modality == "SEG":
+        return read_dicom_seg(path, source)
+    if modality == "RTSTRUCT":
+        return read_rtstruct(path, source)
+    raise DenseMPError(f"{path} is a DICOM {modality or 'file'}, neither a SEG nor an RT Structure Set: "
+                       f"not a painting.")

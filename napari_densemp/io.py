@@ -130,12 +130,12 @@ def mask_on_scan_grid(mask: Scan, scan: Scan, mask_name: str = "painted mask",
 def read_painting(path: str | os.PathLike, scan: Scan, mask_name: str = "painted mask",
                   scan_name: str = "image") -> np.ndarray:
     """A painting file on the scan's voxel grid: a NIfTI, NRRD or MetaImage mask placed by
-    :func:`mask_on_scan_grid`, or a DICOM SEG (``.dcm``) placed by the images of the scan's DICOM
-    series that its frames refer to (each segment as its number)."""
-    if is_dicom_seg_name(path):
-        from .dicom import read_dicom_seg
+    :func:`mask_on_scan_grid`, or a DICOM SEG or RT Structure Set (``.dcm``) on the scan's DICOM
+    series (each segment or ROI as its number)."""
+    if is_dicom_name(path):
+        from .dicom import read_dicom_painting
 
-        return read_dicom_seg(path, scan.path if scan.path is not None else "")
+        return read_dicom_painting(path, scan.path if scan.path is not None else "")
     return mask_on_scan_grid(read_image_file(path), scan, mask_name, scan_name)
 
 
@@ -237,17 +237,19 @@ def _zero_voxel_axes(path: Path | None, header: nib.Nifti1Header) -> list[int]:
     return [axis for axis in range(3) if float(raw["pixdim"][axis + 1]) == 0]
 
 
-def is_dicom_seg_name(path: str | os.PathLike) -> bool:
+def is_dicom_name(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".dcm")
 
 
 def check_writable(path: str | os.PathLike, dicom_source: str | os.PathLike | None = None) -> None:
     """An output name of a format this package writes, or an error saying which it writes. A DICOM
-    SEG (.dcm) refers to the images it segments, so it is written only for a DICOM series scan."""
-    if is_dicom_seg_name(path):
+    SEG or RT Structure Set (.dcm) refers to the images it segments, so it is written only for a
+    DICOM series scan."""
+    if is_dicom_name(path):
         if dicom_source is None or not Path(dicom_source).is_dir():
-            raise DenseMPError(f"{path}: a DICOM SEG (.dcm) is written only for a scan given as a DICOM series "
-                               f"folder, whose images it refers to; choose .nii.gz, .nii, .nrrd or .mha.")
+            raise DenseMPError(f"{path}: a DICOM SEG or RT Structure Set (.dcm) is written only for a scan given "
+                               f"as a DICOM series folder, whose images it refers to; choose .nii.gz, .nii, .nrrd "
+                               f"or .mha.")
         return
     if not str(path).lower().endswith(WRITABLE_SUFFIXES):
         raise DenseMPError(f"Output must end in .nii.gz, .nii, .nrrd or .mha (or .dcm for a DICOM series): {path}")
@@ -255,15 +257,16 @@ def check_writable(path: str | os.PathLike, dicom_source: str | os.PathLike | No
 
 def write_image(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                 reference: nib.Nifti1Header | None = None, overwrite: bool = False, mask: bool = False,
-                dicom_source: str | os.PathLike | None = None) -> Path:
+                dicom_source: str | os.PathLike | None = None, rtstruct: bool = False) -> Path:
     """:func:`write_nifti`; NRRD / MetaImage for a ``.nrrd`` / ``.mha`` name (``affine`` alone
-    places the voxels there; ``reference`` and ``mask`` are NIfTI header fields); a DICOM SEG for a
-    ``.dcm`` name, referring to the images of ``dicom_source``, the DICOM folder ``data`` was read from."""
+    places the voxels there; ``reference`` and ``mask`` are NIfTI header fields); for a ``.dcm``
+    name a DICOM SEG (an RT Structure Set when ``rtstruct``) referring to the images of
+    ``dicom_source``, the DICOM folder ``data`` was read from."""
     check_writable(path, dicom_source)
-    if is_dicom_seg_name(path):
-        from .dicom import write_dicom_seg
+    if is_dicom_name(path):
+        from .dicom import write_dicom_seg, write_rtstruct
 
-        return write_dicom_seg(path, data, dicom_source, overwrite)
+        return (write_rtstruct if rtstruct else write_dicom_seg)(path, data, dicom_source, overwrite)
     if not is_itk_file(path):
         return write_nifti(path, data, affine, reference, overwrite, mask)
     if Path(path).exists() and not overwrite:

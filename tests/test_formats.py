@@ -213,6 +213,12 @@ def test_a_dicom_seg_refers_each_slice_to_its_source_image(tmp_path):
     assert not _seg_on_series(empty, tmp_path / "series").any()  # not found: one empty segment
     with pytest.raises(DenseMPError, match="shape"):
         write_dicom_seg(tmp_path / "other.dcm", mask[:, :, :3], tmp_path / "series")
+    from .test_napari_io import _write_enhanced_image
+
+    (tmp_path / "enhanced").mkdir()
+    _write_enhanced_image(tmp_path / "enhanced" / "IM_0001", np.zeros((12, 10, 6), np.float32))
+    with pytest.raises(DenseMPError, match=r"multi-frame .* NIfTI \(\.nii\.gz; in a folder run, --as-nifti\)"):
+        write_dicom_seg(tmp_path / "enhanced.dcm", mask, tmp_path / "enhanced")
     # napari: a labels layer drawn on the series' layer, saved as .dcm
     [(image, kwargs, _)] = get_reader(str(tmp_path / "series"))(str(tmp_path / "series"))
     drawn = np.zeros(image.shape, np.uint8)
@@ -253,9 +259,55 @@ def test_cli_answers_a_dicom_series_with_a_dicom_seg(tmp_path, ct_phantom, capsy
     capsys.readouterr()
     assert main([str(tmp_path / "series"), str(tmp_path / "kidney.dcm"), "-o", str(tmp_path / "x.nii.gz"),
                  "--label", "3"]) == 2  # a SEG painting's values are its segment numbers: 1 here
+    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "kidney_rs.dcm"), "--rtstruct"]) == 0
+    from napari_densemp.dicom import read_rtstruct
+
+    assert np.array_equal(read_rtstruct(tmp_path / "kidney_rs.dcm", tmp_path / "series"), found)
     _write_dicom_series(tmp_path / "other", ct_phantom.image, spacing=ct_phantom.spacing[:2],
                         gap=ct_phantom.spacing[2])
     assert main([str(tmp_path / "other"), str(seg_painting), "-o", str(tmp_path / "y.nii.gz")]) == 2
     assert "does not lie on the images of the series" in capsys.readouterr().err
     assert main([str(tmp_path / "painted.nii.gz"), str(painted_path), "-o", str(tmp_path / "k.dcm")]) == 2
-    assert "a DICOM SEG (.dcm) is written only for a scan given as a DICOM series folder" in capsys.readouterr().err
+    assert "a DICOM SEG or RT Structure Set (.dcm) is written only for a scan given as a DICOM series folder" in (
+        capsys.readouterr().err)
+    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "k.nrrd"), "--rtstruct"]) == 2
+    assert "--rtstruct writes a .dcm output" in capsys.readouterr().err
+
+
+def test_an_rt_structure_set_holds_contours_that_fill_back_to_the_mask(tmp_path):
+    import pydicom
+
+    from napari_densemp.dicom import read_dicom_series, read_rtstruct, write_rtstruct
+
+    from .test_napari_io import _write_dicom_series
+
+    _write_dicom_series(tmp_path / "series", np.zeros((12, 10, 6), np.float32))  # rows 0.7 mm apart, columns 0.9
+    scan = read_dicom_series(tmp_path / "series")
+    mask = np.zeros(scan.data.shape, np.uint8)
+    mask[2:5, 3:7, 1] = 4  # columns 2-4, rows 3-6 of slice 1
+    mask[1:10, 1:9, 3] = 4
+    mask[4:7, 3:6, 3] = 0  # a hole
+    mask[7:9, 0:2, 2] = 9  # another structure
+    mask[10:12, 8:10, 2] = 9  # in two parts on one slice
+    path = write_rtstruct(tmp_path / "rs.dcm", mask, tmp_path / "series")
+    assert np.array_equal(read_rtstruct(path, tmp_path / "series"), np.where(mask == 4, 1, np.where(mask, 2, 0)))
+    rs = pydicom.dcmread(path)
+    assert rs.Modality == "RTSTRUCT" and [r.ROIName for r in rs.StructureSetROISequence] == ["label 4", "label 9"]
+    assert [len(r.ContourSequence) for r in rs.ROIContourSequence] == [3, 2]  # slice 3: outline and hole
+    # in patient coordinates (LPS mm), half-way between the outermost pixel centres and the next
+    first = rs.ROIContourSequence[0].ContourSequence[0]
+    points = np.asarray(first.ContourData, dtype=float).reshape(-1, 3)
+    image = next(pydicom.dcmread(p) for p in (tmp_path / "series").iterdir()
+                 if pydicom.dcmread(p).SOPInstanceUID == first.ContourImageSequence[0].ReferencedSOPInstanceUID)
+    x0, y0, z0 = (float(v) for v in image.ImagePositionPatient)
+    assert np.allclose(points[:, 2], z0) and z0 == pytest.approx(30.0 + 2.5 * 1)  # slice 1
+    assert points[:, 0].min() == pytest.approx(x0 + 1.5 * 0.9) and points[:, 0].max() == pytest.approx(x0 + 4.5 * 0.9)
+    assert points[:, 1].min() == pytest.approx(y0 + 2.5 * 0.7) and points[:, 1].max() == pytest.approx(y0 + 6.5 * 0.7)
+    referenced = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert len(referenced.ContourImageSequence) == 6
+    with pytest.raises(DenseMPError, match="exists"):
+        write_rtstruct(path, mask, tmp_path / "series")
+    first.ContourData = [f"{v + (1.25 if i % 3 == 2 else 0):.4f}" for i, v in enumerate(points.ravel())]
+    rs.save_as(tmp_path / "moved.dcm")  # a contour half a slice off: not drawn on this series
+    with pytest.raises(DenseMPError, match="lies off the slices of the series"):
+        read_rtstruct(tmp_path / "moved.dcm", tmp_path / "series")
