@@ -109,6 +109,7 @@ class _Request:
     targets: list | None = None  # segment_open_images: the other image layers
     scans: list | None = None  # segment_folder: the scan files
     results_dir: Path | None = None
+    rtstruct: bool = False  # segment_folder: a DICOM series' result as an RT Structure Set, not a DICOM SEG
 
     def options(self, model, **rules):
         """The model's propagation rules with this request's choices (an unticked mirror box keeps
@@ -208,12 +209,16 @@ class OneShotWidget(Container):
         self._open_images = PushButton(text="Segment in the other open images")
         self._scans_dir = FileEdit(label="scans folder", mode="d")
         self._results_dir = FileEdit(label="results folder", mode="d")
+        self._rtstruct = CheckBox(text="DICOM results as RT Structure Sets", value=False,
+                                  tooltip="A DICOM series' result is written as a DICOM SEG on its images; ticked, "
+                                          "as an RT Structure Set (contours), the form treatment planning systems "
+                                          "import. Other scans' results keep their scan's format.")
         self._segment_folder = PushButton(text="Segment folder")
         self.extend([self._image, self._painted, self._new_painting, self._label, self._target, self._model,
                      self._checkpoint, self._device, self._modality, self._axis, self._between, self._mirror,
                      self._band, self._outlines, self._propagate, self._cancel, self._undo, self._progress,
                      self._status, self._slice_info, self._many_title, self._open_images, self._scans_dir,
-                     self._results_dir, self._segment_folder])
+                     self._results_dir, self._rtstruct, self._segment_folder])
 
         self._models: dict[tuple[str, str], Any] = {}
         self._feature_cache = None  # created with the engine on first use (torch loads lazily)
@@ -641,6 +646,7 @@ class OneShotWidget(Container):
             if not request.scans:
                 raise DenseMPError(f"No scan (NIfTI, NRRD or MetaImage file, DICOM folder) in {scans_dir}.")
             request.results_dir = results_dir
+            request.rtstruct = bool(self._rtstruct.value)
         except DenseMPError as exc:
             self._notify_error(str(exc))
             return
@@ -661,7 +667,7 @@ class OneShotWidget(Container):
         self._relay.progressed.emit(run, 0, total, "segmenting scans")
         rows = segment_folder(support, request.scans, request.results_dir, model, axis,
                               request.options(model), on_scan=on_scan,
-                              cancel=self._cancel_flag.is_set, modality=request.modality)
+                              cancel=self._cancel_flag.is_set, modality=request.modality, rtstruct=request.rtstruct)
         outlined = bool(request.fill_outlines and support.outlines(axis))
         return rows, write_summary(rows, request.results_dir / "summary.csv"), outlined
 

@@ -454,14 +454,23 @@ def test_segment_the_same_structure_in_other_open_images_and_a_folder(viewer_wit
     scans.mkdir()
     write_nifti(scans / "other.nii.gz", other.image, other.affine)
     (scans / "broken.nii.gz").write_bytes(b"not a scan")
+    from .test_napari_io import _write_dicom_series  # the same scan as a DICOM series (stored LPS, as phantoms are)
+
+    _write_dicom_series(scans / "other_dicom", other.image, spacing=other.spacing[:2], gap=other.spacing[2])
     widget._scans_dir.value, widget._results_dir.value = scans, results
+    widget._rtstruct.value = True
     widget.segment_folder()
     widget.wait()
-    assert "1 segmented, 0 already done, 1 failed of 2" in widget._status.value
+    assert "2 segmented, 0 already done, 1 failed of 3" in widget._status.value
     saved = read_nifti(results / "other.nii.gz")
     assert np.array_equal(saved.affine, read_nifti(scans / "other.nii.gz").affine)
     assert dice(saved.data.astype(bool), other.label == LIVER) > 0.7
-    assert (results / "summary.csv").read_text().count("\n") == 3  # header + two scans
+    from napari_densemp.dicom import read_rtstruct
+
+    contoured = read_rtstruct(results / "other_dicom.dcm", scans / "other_dicom")  # RT Structure Set, ROI 1
+    assert set(np.unique(contoured)) == {0, 1} and dice(contoured > 0, other.label == LIVER) > 0.7  # 0.767
+    assert dice(contoured > 0, saved.data > 0) > 0.99  # 0.995: the series stores the scan in whole HU
+    assert (results / "summary.csv").read_text().count("\n") == 4  # header + three scans
 
 
 def test_an_open_mri_is_refused_as_the_other_kind_of_scan_than_the_ct_painted(viewer_with_sample):
