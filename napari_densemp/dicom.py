@@ -237,7 +237,7 @@ def write_dicom_seg(path: str | os.PathLike, mask: np.ndarray, source: str | os.
                     overwrite: bool = False) -> Path:
     """``mask`` (on the grid :func:`read_dicom_series` reads ``source`` to) as a DICOM Segmentation
     (highdicom, with the [dicom] extra) that refers to each source image it covers, so that a PACS
-    viewer or a treatment planning system shows it on the series it was made from. Each label value
+    viewer shows it on the series it was made from. Each label value
     becomes a segment named after it (an empty mask, one empty segment); written atomically, never
     over an existing file unless ``overwrite``.
     """

@@ -171,6 +171,8 @@ def test_napari_opens_nrrd_and_saves_metaimage_on_the_scans_grid(tmp_path):
     assert np.abs(saved.affine - affine).max() < 1e-9
     [(again, _, kind)] = get_reader(out)(out)
     assert kind == "labels" and np.array_equal(again, mask)
+    with pytest.raises(DenseMPError, match="written only for a scan given as a DICOM series folder"):
+        write_labels(str(tmp_path / "mask.dcm"), mask, {"metadata": mask_metadata(kwargs["metadata"]), "name": "m"})
 
 
 def _seg_on_series(seg_path, series_folder) -> np.ndarray:
