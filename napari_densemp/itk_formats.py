@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .atomic import write_atomically
 from .errors import DenseMPError
+
+if TYPE_CHECKING:
+    from .io import Scan
 
 SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 # Written as one file only, so a write is one atomic rename (.nhdr and .mhd keep the voxels in a
@@ -57,7 +61,7 @@ def affine_from_itk(origin, spacing, direction) -> np.ndarray:
     return affine
 
 
-def read_itk_file(path: str | os.PathLike):
+def read_itk_file(path: str | os.PathLike) -> Scan:
     """A NRRD or MetaImage file as a :class:`~napari_densemp.io.Scan` (array as stored, RAS affine)."""
     from .io import Scan
 
