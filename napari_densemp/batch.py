@@ -189,10 +189,11 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
                    on_scan: Callable[[list[BatchRow]], None] | None = None,
                    cancel: Callable[[], bool] | None = None,
                    modality: Modality | Literal["auto"] = "auto", as_nifti: bool = False,
-                   rtstruct: bool = False) -> list[BatchRow]:
+                   rtstruct: bool = False, names: dict[int, str] | None = None) -> list[BatchRow]:
     """Segment the support's structures in every scan: one row per scan (per structure of a scan
     done), failures included; ``on_scan`` gets each scan's rows as it finishes. Results are in
-    each scan's format (:func:`output_path`; a DICOM series' as an RT Structure Set when ``rtstruct``)."""
+    each scan's format (:func:`output_path`; a DICOM series' as an RT Structure Set when ``rtstruct``,
+    its structures named by ``names``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {Path(p).resolve() for p in (support.scan.path,) if p is not None}
@@ -214,7 +215,7 @@ def segment_folder(support: Support, scans: list[Path], out_dir: str | Path, mod
                 scan = Scan(as_3d(scan.data, path, "scan"), scan.affine, scan.header, scan.path)
                 values, results = segment_scan(support, scan, model, axis, options, cache, cancel, modality)
                 write_image(out, values, scan.affine, reference=scan.header, overwrite=overwrite, mask=True,
-                            dicom_source=path if path.is_dir() else None, rtstruct=rtstruct)
+                            dicom_source=path if path.is_dir() else None, rtstruct=rtstruct, names=names)
                 scan_rows = _done_rows(scan, path.name, time.perf_counter() - start, values, results, out)
             except Cancelled:
                 break

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rtstruct", action="store_true",
                         help="a DICOM series' result (.dcm) as an RT Structure Set, the contours treatment planning "
                              "systems import, instead of a DICOM SEG")
+    parser.add_argument("--names", nargs="+", metavar="VALUE=NAME", default=[],
+                        help="names of the structures in a DICOM SEG or RT Structure Set result, by label value "
+                             "(e.g. 1=Parotid_L): planning systems match ROIs by name; default 'label N'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
@@ -125,7 +128,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
                  label: int | None = None, axis: int | None = None, modality: str = "auto", device: str = "auto",
                  between_painted: bool = False, overwrite: bool = False,
                  mirror_average: bool | None = None, intensity_band: bool | None = None,
-                 keep_outlines: bool = False, precision: str = "auto", rtstruct: bool = False) -> dict:
+                 keep_outlines: bool = False, precision: str = "auto", rtstruct: bool = False,
+                 names: dict[int, str] | None = None) -> dict:
     """The whole job on files: read, check, propagate, write atomically. Returns a summary.
 
     ``axis=None`` slices across the plane the mask was painted on (:func:`painting_axis`), each
@@ -167,7 +171,7 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     finally:
         close()
     write_image(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True,
-                dicom_source=image_path, rtstruct=rtstruct)
+                dicom_source=image_path, rtstruct=rtstruct, names=names)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
@@ -200,6 +204,17 @@ def _intensity_band(choice: bool | None) -> dict:
 def _outlines(keep: bool) -> dict:
     """``--keep-outlines`` as an options override; without it, the model's setting (filled)."""
     return {"fill_outlines": False} if keep else {}
+
+
+def structure_names(items: list[str]) -> dict[int, str]:
+    """``--names 1=Parotid_L 2=Parotid_R`` as {1: "Parotid_L", 2: "Parotid_R"}."""
+    names = {}
+    for item in items:
+        value, _, name = item.partition("=")
+        if not value.strip().isdigit() or not name.strip():
+            raise DenseMPError(f"--names {item!r}: expected VALUE=NAME, e.g. 1=Liver.")
+        names[int(value)] = name.strip()
+    return names
 
 
 def _axis(choice: str, painted: np.ndarray | None = None, affine: np.ndarray | None = None) -> int | None:
@@ -253,7 +268,7 @@ def run_folder(args: argparse.Namespace) -> int:
         rows = segment_folder(support, scans, out_dir, model, axis,
                               model.default_options(**_mirror(args.mirror_average), **_outlines(args.keep_outlines)),
                               overwrite=args.overwrite, on_scan=done, modality=args.modality, as_nifti=args.as_nifti,
-                              rtstruct=args.rtstruct)
+                              rtstruct=args.rtstruct, names=args.names)
     finally:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"
@@ -302,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     # restored below: main also runs in-process (tests, notebooks)
     previous, warnings.formatwarning = warnings.formatwarning, _plain_warning
     try:
+        args.names = structure_names(args.names)  # checked before any work
         if args.demo:
             return run_demo(args.out or Path("densemp-demo"), args)
         if args.scans or args.support_image or args.support_mask:
@@ -314,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = segment_file(args.image, args.painted, args.out, args.model, args.label, _axis(args.axis),
                                args.modality, args.device, args.between_painted, args.overwrite,
                                args.mirror_average, args.intensity_band, args.keep_outlines, args.precision,
-                               args.rtstruct)
+                               args.rtstruct, args.names)
         structures = summary["structures"]
         for value, structure in structures.items():
             rng = structure["slice_range"]

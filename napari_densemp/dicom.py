@@ -228,18 +228,24 @@ def _series_of_result(path: Path, mask: np.ndarray, source: str | os.PathLike, o
     return found
 
 
+def _structure_name(value: int, names: dict[int, str] | None) -> str:
+    """A structure's name in a DICOM result: the user's (a planning system matches ROIs by name,
+    e.g. "Parotid_L"), else "label N"."""
+    return (names or {}).get(value) or f"label {value}"
+
+
 def _result_series_number(first) -> int:
     """The source series' number + 1000: listed beside it, and told apart from it, in a viewer."""
     return int(getattr(first, "SeriesNumber", 0) or 0) + 1000
 
 
 def write_dicom_seg(path: str | os.PathLike, mask: np.ndarray, source: str | os.PathLike,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, names: dict[int, str] | None = None) -> Path:
     """``mask`` (on the grid :func:`read_dicom_series` reads ``source`` to) as a DICOM Segmentation
     (highdicom, with the [dicom] extra) that refers to each source image it covers, so that a PACS
     viewer shows it on the series it was made from. Each label value
-    becomes a segment named after it (an empty mask, one empty segment); written atomically, never
-    over an existing file unless ``overwrite``.
+    becomes a segment, labelled by ``names`` (else "label N"; an empty mask, one empty segment);
+    written atomically, never over an existing file unless ``overwrite``.
     """
     from . import __version__
     from .atomic import write_atomically
@@ -263,7 +269,7 @@ def write_dicom_seg(path: str | os.PathLike, mask: np.ndarray, source: str | os.
             ds.SliceThickness = float(np.linalg.norm(positions[1] - positions[0]))
     algorithm = hd.AlgorithmIdentificationSequence(name="napari-densemp", version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)
-    segments = [hd.seg.SegmentDescription(segment_number=i + 1, segment_label=f"label {value}",
+    segments = [hd.seg.SegmentDescription(segment_number=i + 1, segment_label=_structure_name(value, names),
                                           segmented_property_category=codes.SCT.AnatomicalStructure,
                                           segmented_property_type=codes.SCT.AnatomicalStructure,
                                           algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
@@ -326,11 +332,11 @@ def _planar_contours(plane: np.ndarray) -> list[np.ndarray]:
 
 
 def write_rtstruct(path: str | os.PathLike, mask: np.ndarray, source: str | os.PathLike,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, names: dict[int, str] | None = None) -> Path:
     """``mask`` (on the grid :func:`read_dicom_series` reads ``source`` to) as a DICOM RT Structure
     Set, the form treatment planning systems import contours in: each label value an ROI of closed
-    planar contours in patient coordinates, each contour referring to the image it lies on.
-    Written atomically, never over an existing file unless ``overwrite``."""
+    planar contours in patient coordinates, each contour referring to the image it lies on, named
+    by ``names`` (else "label N"). Written atomically, never over an existing file unless ``overwrite``."""
     import datetime
 
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -385,7 +391,7 @@ def write_rtstruct(path: str | os.PathLike, mask: np.ndarray, source: str | os.P
     for number, value in enumerate((int(v) for v in np.unique(mask) if v), start=1):
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, first.FrameOfReferenceUID
-        roi.ROIName, roi.ROIGenerationAlgorithm = f"label {value}", "SEMIAUTOMATIC"
+        roi.ROIName, roi.ROIGenerationAlgorithm = _structure_name(value, names), "SEMIAUTOMATIC"
         ds.StructureSetROISequence.append(roi)
         contours = []
         for k in np.flatnonzero((mask == value).any(axis=(0, 1))):

@@ -257,16 +257,18 @@ def check_writable(path: str | os.PathLike, dicom_source: str | os.PathLike | No
 
 def write_image(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                 reference: nib.Nifti1Header | None = None, overwrite: bool = False, mask: bool = False,
-                dicom_source: str | os.PathLike | None = None, rtstruct: bool = False) -> Path:
+                dicom_source: str | os.PathLike | None = None, rtstruct: bool = False,
+                names: dict[int, str] | None = None) -> Path:
     """:func:`write_nifti`; NRRD / MetaImage for a ``.nrrd`` / ``.mha`` name (``affine`` alone
     places the voxels there; ``reference`` and ``mask`` are NIfTI header fields); for a ``.dcm``
     name a DICOM SEG (an RT Structure Set when ``rtstruct``) referring to the images of
-    ``dicom_source``, the DICOM folder ``data`` was read from."""
+    ``dicom_source``, the DICOM folder ``data`` was read from, its structures named by ``names``
+    (label value -> name)."""
     check_writable(path, dicom_source)
     if is_dicom_name(path):
         from .dicom import write_dicom_seg, write_rtstruct
 
-        return (write_rtstruct if rtstruct else write_dicom_seg)(path, data, dicom_source, overwrite)
+        return (write_rtstruct if rtstruct else write_dicom_seg)(path, data, dicom_source, overwrite, names)
     if not is_itk_file(path):
         return write_nifti(path, data, affine, reference, overwrite, mask)
     if Path(path).exists() and not overwrite:

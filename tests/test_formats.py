@@ -209,6 +209,8 @@ def test_a_dicom_seg_refers_each_slice_to_its_source_image(tmp_path):
     assert seg.Modality == "SEG" and seg.PatientID == "PHANTOM-11"
     assert seg.FrameOfReferenceUID == pydicom.dcmread(next((tmp_path / "series").iterdir())).FrameOfReferenceUID
     assert int(seg.NumberOfFrames) == 4  # frames with a segment on them: 3 slices of 2, 1 of 5
+    named = pydicom.dcmread(write_dicom_seg(tmp_path / "named.dcm", mask, tmp_path / "series", names={5: "Spleen"}))
+    assert [item.SegmentLabel for item in named.SegmentSequence] == ["label 2", "Spleen"]
     with pytest.raises(DenseMPError, match="exists"):
         write_dicom_seg(path, mask, tmp_path / "series")
     empty = write_dicom_seg(tmp_path / "empty.dcm", np.zeros_like(mask), tmp_path / "series")
@@ -261,10 +263,17 @@ def test_cli_answers_a_dicom_series_with_a_dicom_seg(tmp_path, ct_phantom, capsy
     capsys.readouterr()
     assert main([str(tmp_path / "series"), str(tmp_path / "kidney.dcm"), "-o", str(tmp_path / "x.nii.gz"),
                  "--label", "3"]) == 2  # a SEG painting's values are its segment numbers: 1 here
-    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "kidney_rs.dcm"), "--rtstruct"]) == 0
+    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "kidney_rs.dcm"), "--rtstruct",
+                 "--names", "1=Kidney_R"]) == 0
+    import pydicom
+
     from napari_densemp.dicom import read_rtstruct
 
     assert np.array_equal(read_rtstruct(tmp_path / "kidney_rs.dcm", tmp_path / "series"), found)
+    assert [r.ROIName for r in pydicom.dcmread(tmp_path / "kidney_rs.dcm").StructureSetROISequence] == ["Kidney_R"]
+    capsys.readouterr()
+    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "n.dcm"), "--names", "Kidney"]) == 2
+    assert "--names 'Kidney': expected VALUE=NAME" in capsys.readouterr().err
     _write_dicom_series(tmp_path / "other", ct_phantom.image, spacing=ct_phantom.spacing[:2],
                         gap=ct_phantom.spacing[2])
     assert main([str(tmp_path / "other"), str(seg_painting), "-o", str(tmp_path / "y.nii.gz")]) == 2
