@@ -33,6 +33,7 @@ from .io import (
     read_nifti,
     read_painting,
     read_scan,
+    structure_names,
     write_image,
     write_nifti,
 )
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "systems import, instead of a DICOM SEG")
     parser.add_argument("--names", nargs="+", metavar="VALUE=NAME", default=[],
                         help="names of the structures in a DICOM SEG or RT Structure Set result, by label value "
-                             "(e.g. 1=Parotid_L): planning systems match ROIs by name; default 'label N'")
+                             "(e.g. 1=Parotid_L): planning systems match ROIs by name; default: a SEG or RT "
+                             "Structure Set painting's own names, else 'label N'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
@@ -171,7 +173,8 @@ def segment_file(image_path: Path, painted_path: Path, out_path: Path, model_sou
     finally:
         close()
     write_image(out_path, out, scan.affine, reference=scan.header, overwrite=overwrite, mask=True,
-                dicom_source=image_path, rtstruct=rtstruct, names=names)
+                dicom_source=image_path, rtstruct=rtstruct,
+                names=structure_names(painted_path, names, None if several else next(iter(results))))
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     voxels = {value: int((out == (value if several else 1)).sum()) for value in results}
     structures = {value: {"slice_range": r.slice_range, "axis": r.axis, "painted": _painted_report(r),
@@ -206,7 +209,7 @@ def _outlines(keep: bool) -> dict:
     return {"fill_outlines": False} if keep else {}
 
 
-def structure_names(items: list[str]) -> dict[int, str]:
+def parse_names(items: list[str]) -> dict[int, str]:
     """``--names 1=Parotid_L 2=Parotid_R`` as {1: "Parotid_L", 2: "Parotid_R"}."""
     names = {}
     for item in items:
@@ -233,7 +236,7 @@ def run_folder(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .batch import Support, list_scans, scan_counts, segment_folder, shard, write_summary
-    from .engine import load_model
+    from .engine import load_model, painted_labels
 
     if args.out is None:
         raise DenseMPError("give --out OUTDIR for the results of a folder run.")
@@ -249,6 +252,8 @@ def run_folder(args: argparse.Namespace) -> int:
                            f"{args.scans}.")
     model = load_model(args.model, args.device, args.precision)
     axis = _axis(args.axis, support.mask, support.scan.affine)
+    values = [support.label] if support.label is not None else painted_labels(support.mask)
+    single = values[0] if len(values) == 1 else None  # its results hold it as 1
     if not args.keep_outlines:
         for value, outlines in support.outlines(axis).items():
             for across, z in outlines:
@@ -268,7 +273,7 @@ def run_folder(args: argparse.Namespace) -> int:
         rows = segment_folder(support, scans, out_dir, model, axis,
                               model.default_options(**_mirror(args.mirror_average), **_outlines(args.keep_outlines)),
                               overwrite=args.overwrite, on_scan=done, modality=args.modality, as_nifti=args.as_nifti,
-                              rtstruct=args.rtstruct, names=args.names)
+                              rtstruct=args.rtstruct, names=structure_names(args.support_mask, args.names, single))
     finally:
         bar.close()
     name = f"summary_{args.shard.replace('/', 'of')}.csv" if args.shard else "summary.csv"
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     # restored below: main also runs in-process (tests, notebooks)
     previous, warnings.formatwarning = warnings.formatwarning, _plain_warning
     try:
-        args.names = structure_names(args.names)  # checked before any work
+        args.names = parse_names(args.names)  # checked before any work
         if args.demo:
             return run_demo(args.out or Path("densemp-demo"), args)
         if args.scans or args.support_image or args.support_mask:

@@ -465,3 +465,12 @@ def read_dicom_painting(path: str | os.PathLike, source: str | os.PathLike) -> n
         return read_rtstruct(path, source)
     raise DenseMPError(f"{path} is a DICOM {modality or 'file'}, neither a SEG nor an RT Structure Set: "
                        f"not a painting.")
+
+
+def painting_names(path: str | os.PathLike) -> dict[int, str]:
+    """The names a DICOM SEG or RT Structure Set painting gives its structures, by the number each
+    is read as (segment or ROI number): a result made from it keeps them."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    if ds.get("Modality") == "SEG":
+        return {int(item.SegmentNumber): str(item.SegmentLabel) for item in ds.get("SegmentSequence", [])}
+    return {int(item.ROINumber): str(item.ROIName) for item in ds.get("StructureSetROISequence", [])}

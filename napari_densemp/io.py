@@ -139,6 +139,22 @@ def read_painting(path: str | os.PathLike, scan: Scan, mask_name: str = "painted
     return mask_on_scan_grid(read_image_file(path), scan, mask_name, scan_name)
 
 
+def structure_names(painting: str | os.PathLike, given: dict[int, str] | None = None,
+                    single: int | None = None) -> dict[int, str]:
+    """Names for a result's structures by label value: those a DICOM SEG or RT Structure Set
+    painting gives them, overridden by ``given`` (the user's). ``single``: the painted value of the
+    one structure a 0/1 result holds as 1."""
+    found = {}
+    if is_dicom_name(painting):
+        from .dicom import painting_names
+
+        found = painting_names(painting)
+    names = {**found, **(given or {})}
+    if single is not None:
+        return {1: names[single]} if single in names else {}
+    return names
+
+
 def _placed_on_grid(data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], scan_affine: np.ndarray,
                     mask_name: str, scan_name: str) -> np.ndarray | None:
     """``data`` put on the scan's grid when its voxels are some of the scan's (same voxel axes,

@@ -267,10 +267,20 @@ def test_cli_answers_a_dicom_series_with_a_dicom_seg(tmp_path, ct_phantom, capsy
                  "--names", "1=Kidney_R"]) == 0
     import pydicom
 
-    from napari_densemp.dicom import read_rtstruct
+    from napari_densemp.dicom import read_rtstruct, write_rtstruct
 
     assert np.array_equal(read_rtstruct(tmp_path / "kidney_rs.dcm", tmp_path / "series"), found)
     assert [r.ROIName for r in pydicom.dcmread(tmp_path / "kidney_rs.dcm").StructureSetROISequence] == ["Kidney_R"]
+    # painted in a planning system: its ROI names carry over, the one propagated kept with its own name
+    both = painted + 2 * paint_largest(ct_phantom.label, LIVER)[0] * (painted == 0)
+    contours = write_rtstruct(tmp_path / "rs_painting.dcm", both, tmp_path / "series",
+                              names={1: "Kidney_R", 2: "Liver"})
+    assert main([str(tmp_path / "series"), str(contours), "-o", str(tmp_path / "liver_rs.dcm"), "--rtstruct",
+                 "--label", "2"]) == 0
+    liver_rs = pydicom.dcmread(tmp_path / "liver_rs.dcm")
+    assert [r.ROIName for r in liver_rs.StructureSetROISequence] == ["Liver"]
+    liver = read_rtstruct(tmp_path / "liver_rs.dcm", tmp_path / "series") > 0
+    assert dice(liver, ct_phantom.label == LIVER) >= 0.7
     capsys.readouterr()
     assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "n.dcm"), "--names", "Kidney"]) == 2
     assert "--names 'Kidney': expected VALUE=NAME" in capsys.readouterr().err
