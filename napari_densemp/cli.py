@@ -6,7 +6,8 @@ segment it in every scan of a folder.
     densemp-segment --demo            # a phantom CT, its liver painted on one slice
 
 Scans are NIfTI, NRRD or MetaImage files (the last two with the [formats] extra) or DICOM
-series folders; paintings and outputs are NIfTI, NRRD or MetaImage files.
+series folders; paintings and outputs are NIfTI, NRRD or MetaImage files, or for a DICOM series
+a DICOM SEG or an RT Structure Set (.dcm).
 
 Outputs have exactly their scan's shape, affine and orientation and are written atomically;
 nothing that exists is replaced without --overwrite (a folder run skips finished scans, so a
@@ -48,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("image", nargs="?", type=Path,
                         help="the scan (NIfTI, NRRD or MetaImage file, or DICOM series folder)")
     parser.add_argument("painted", nargs="?", type=Path,
-                        help="mask with the structure painted on 1+ slices (a file; or a DICOM SEG for a DICOM series)")
+                        help="mask with the structure painted on 1+ slices (a file; for a DICOM series also a "
+                             "DICOM SEG or RT Structure Set)")
     parser.add_argument("-o", "--out", type=Path,
-                        help="output mask (.nii.gz, .nii, .nrrd or .mha; .dcm: a DICOM SEG of a DICOM series scan); "
-                             "with --demo, a folder")
+                        help="output mask (.nii.gz, .nii, .nrrd or .mha; for a DICOM series scan also .dcm, a "
+                             "DICOM SEG or with --rtstruct an RT Structure Set); with --demo, a folder")
     parser.add_argument("--model", default="default",
                         help="'default' (the bundled v3), 'v0' or 'v2' (bundled) or a checkpoint file")
     parser.add_argument("--label", type=int, help="propagate only this painted value (default: every structure "
@@ -86,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rtstruct", action="store_true",
                         help="a DICOM series' result (.dcm) as an RT Structure Set, the contours treatment planning "
                              "systems import, instead of a DICOM SEG")
-    parser.add_argument("--names", nargs="+", metavar="VALUE=NAME", default=[],
-                        help="names of the structures in a DICOM SEG or RT Structure Set result, by label value "
-                             "(e.g. 1=Parotid_L): planning systems match ROIs by name; default: a SEG or RT "
-                             "Structure Set painting's own names, else 'label N'")
+    parser.add_argument("--name", action="append", metavar="VALUE=NAME", default=[], dest="names",
+                        help="a structure's name in a DICOM SEG or RT Structure Set result, by label value (e.g. "
+                             "1=Parotid_L; repeat for each): planning systems match ROIs by name; default: a SEG or "
+                             "RT Structure Set painting's own names, else 'label N'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--demo", action="store_true", help="run on a bundled phantom CT and report Dice")
     folder = parser.add_argument_group("paint once, segment many (another patient's scans)")
@@ -210,12 +212,12 @@ def _outlines(keep: bool) -> dict:
 
 
 def parse_names(items: list[str]) -> dict[int, str]:
-    """``--names 1=Parotid_L 2=Parotid_R`` as {1: "Parotid_L", 2: "Parotid_R"}."""
+    """``--name 1=Parotid_L --name 2=Parotid_R`` as {1: "Parotid_L", 2: "Parotid_R"}."""
     names = {}
     for item in items:
         value, _, name = item.partition("=")
         if not value.strip().isdigit() or not name.strip():
-            raise DenseMPError(f"--names {item!r}: expected VALUE=NAME, e.g. 1=Liver.")
+            raise DenseMPError(f"--name {item!r}: expected VALUE=NAME, e.g. 1=Liver.")
         names[int(value)] = name.strip()
     return names
 

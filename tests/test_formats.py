@@ -264,7 +264,7 @@ def test_cli_answers_a_dicom_series_with_a_dicom_seg(tmp_path, ct_phantom, capsy
     assert main([str(tmp_path / "series"), str(tmp_path / "kidney.dcm"), "-o", str(tmp_path / "x.nii.gz"),
                  "--label", "3"]) == 2  # a SEG painting's values are its segment numbers: 1 here
     assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "kidney_rs.dcm"), "--rtstruct",
-                 "--names", "1=Kidney_R"]) == 0
+                 "--name", "1=Kidney_R"]) == 0
     import pydicom
 
     from napari_densemp.dicom import read_rtstruct, write_rtstruct
@@ -282,8 +282,8 @@ def test_cli_answers_a_dicom_series_with_a_dicom_seg(tmp_path, ct_phantom, capsy
     liver = read_rtstruct(tmp_path / "liver_rs.dcm", tmp_path / "series") > 0
     assert dice(liver, ct_phantom.label == LIVER) >= 0.7
     capsys.readouterr()
-    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "n.dcm"), "--names", "Kidney"]) == 2
-    assert "--names 'Kidney': expected VALUE=NAME" in capsys.readouterr().err
+    assert main([str(tmp_path / "series"), str(painted_path), "-o", str(tmp_path / "n.dcm"), "--name", "Kidney"]) == 2
+    assert "--name 'Kidney': expected VALUE=NAME" in capsys.readouterr().err
     _write_dicom_series(tmp_path / "other", ct_phantom.image, spacing=ct_phantom.spacing[:2],
                         gap=ct_phantom.spacing[2])
     assert main([str(tmp_path / "other"), str(seg_painting), "-o", str(tmp_path / "y.nii.gz")]) == 2
