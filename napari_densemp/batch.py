@@ -32,6 +32,7 @@ from .engine import (
 )
 from .errors import DenseMPError
 from .io import Scan, as_3d, image_stem, is_image_file, read_painting, read_scan, write_image
+from .itk_formats import is_itk_file, single_file_suffix
 from .preprocessing import Modality
 
 SUMMARY_FIELDS = ["scan", "structure", "status", "seconds", "first_slice", "last_slice", "slices", "mean_confidence",
@@ -112,8 +113,7 @@ def output_path(scan_path: Path, out_dir: Path, as_nifti: bool = False) -> Path:
     elif scan_path.is_dir():
         suffix = ".dcm"
     else:
-        suffix = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}.get(scan_path.suffix.lower(),
-                                                                                        ".nii.gz")
+        suffix = single_file_suffix(scan_path) if is_itk_file(scan_path) else ".nii.gz"
     return out_dir / f"{image_stem(scan_path)}{suffix}"
 
 

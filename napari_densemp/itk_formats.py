@@ -36,6 +36,12 @@ def is_itk_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(SUFFIXES)
 
 
+def single_file_suffix(path: str | os.PathLike) -> str:
+    """The suffix a result for this NRRD or MetaImage file is written with: its own, or for a
+    header beside its data (.nhdr, .mhd) the single-file form of its format."""
+    return ".nrrd" if _format(path) == "NRRD" else ".mha"
+
+
 def _format(path: str | os.PathLike) -> str:
     return FORMAT_NAMES[next(s for s in SUFFIXES if str(path).lower().endswith(s))]
 
